@@ -1,0 +1,3 @@
+from smartnatd.cli import main
+
+raise SystemExit(main())

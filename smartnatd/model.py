@@ -1,0 +1,140 @@
+"""Frozen domain types: what the sources know about the cluster and the box.
+
+Nothing here is an API object: kube/objects.py turns raw objects into these, once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+
+class Protocol(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+    SCTP = "sctp"
+
+
+class Mode(enum.StrEnum):
+    SERVICE = "service"  # DNAT to the Service's ClusterIP (kube-proxy in IPVS mode on the box)
+    DIRECT = "direct"  # DNAT straight to ready endpoints; no kube-proxy needed
+
+
+@dataclass(frozen=True, order=True)
+class ObjectKey:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+# A Mapping, a Service and an EndpointSlice are all keyed by namespace/name.
+MappingKey = ObjectKey
+
+
+@dataclass(frozen=True)
+class MappingPort:
+    port: int
+    protocol: Protocol
+    service_port: int
+
+
+@dataclass(frozen=True)
+class MappingSpec:
+    """A Mapping's spec after validation of its own fields (no cluster or box context)."""
+
+    addresses: tuple[IPv4Address, ...]
+    allowed_sources: tuple[IPv4Network, ...]
+    service_name: str
+    mode: Mode
+    ports: tuple[MappingPort, ...]
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A user mistake in an object; `reason` is the sentence shown in status."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Mapping:
+    key: MappingKey
+    spec: MappingSpec | Invalid
+    # RFC 3339 text sorts chronologically; kept as text so the planner needs no clock.
+    creation_timestamp: str = ""
+    generation: int = 0
+    uid: str = ""
+    deleting: bool = False
+    finalizers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    protocol: Protocol
+    port: int
+    target_port: int | str  # a number, or the name of a container port
+
+
+@dataclass(frozen=True)
+class Service:
+    key: ObjectKey
+    cluster_ip: IPv4Address | None  # None for headless Services
+    ports: tuple[ServicePort, ...]
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    name: str
+    protocol: Protocol
+    port: int
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addresses: tuple[IPv4Address, ...]
+    ready: bool
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    key: ObjectKey
+    service_name: str  # label kubernetes.io/service-name
+    ports: tuple[EndpointPort, ...]
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True)
+class HostInterface:
+    """An external interface of the box (its name matched SNCTRLR_INTERFACES_PATTERN)."""
+
+    name: str
+    index: int
+    addresses: tuple[IPv4Interface, ...]  # primary first, as the kernel lists them
+    up: bool = True
+
+
+@dataclass(frozen=True)
+class Host:
+    """What interface discovery saw on the box."""
+
+    interfaces: tuple[HostInterface, ...] = ()
+
+    def interface_of(self, address: IPv4Address) -> HostInterface | None:
+        for iface in self.interfaces:
+            if any(a.ip == address for a in iface.addresses):
+                return iface
+        return None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the planner needs, taken at one instant."""
+
+    mappings: tuple[Mapping, ...] = ()
+    services: tuple[Service, ...] = ()
+    endpoint_slices: tuple[EndpointSlice, ...] = ()
+    host: Host = field(default_factory=Host)
