@@ -1,0 +1,198 @@
+"""The planner's decisions, one behaviour per test."""
+
+from __future__ import annotations
+
+import dataclasses
+from ipaddress import IPv4Address
+
+from smartnatd.desired import Target
+from smartnatd.model import Snapshot
+from smartnatd.planner import VerdictKind, gateway_of, plan
+from tests.builders import HOST, SETTINGS, endpoint_slice, host, mapping, service
+
+
+def snap(*mappings, services=(), slices=(), h=HOST) -> Snapshot:
+    return Snapshot(mappings=tuple(mappings), services=tuple(services), endpoint_slices=tuple(slices), host=h)
+
+
+def test_service_mode_dnats_local_address_to_cluster_ip():
+    p = plan(snap(mapping("a"), services=[service()]), SETTINGS)
+    (v,) = p.verdicts
+    assert v.kind == VerdictKind.CONFIGURED
+    assert v.reason == "serving 192.0.2.10:80/tcp"
+    (d,) = p.desired.dnats
+    assert d.targets == (Target(IPv4Address("10.96.0.10"), 80),)
+    assert d.interface == "ext1"
+
+
+def test_port_translation_uses_service_port():
+    svc = service(ports=(("http", "tcp", 8000, 8080),))
+    p = plan(snap(mapping("a", ports=((80, "tcp", 8000),)), services=[svc]), SETTINGS)
+    (d,) = p.desired.dnats
+    assert d.external.port == 80 and d.targets[0].port == 8000
+
+
+def test_direct_mode_spreads_over_ready_endpoints_with_resolved_target_port():
+    p = plan(
+        snap(
+            mapping("a", mode="direct"),
+            services=[service()],
+            slices=[endpoint_slice(not_ready=("10.244.3.2",))],
+        ),
+        SETTINGS,
+    )
+    (d,) = p.desired.dnats
+    assert [str(t) for t in d.targets] == ["10.244.1.2:8080", "10.244.2.2:8080"]
+    assert [str(ip) for ip in p.verdicts[0].pod_ips] == ["10.244.1.2", "10.244.2.2"]
+
+
+def test_direct_mode_resolves_named_target_port_per_slice():
+    svc = service(ports=(("http", "tcp", 80, "web-port"),))
+    slices = [
+        endpoint_slice(name="web-1", ready=("10.244.1.2",), ports=(("http", "tcp", 8080),)),
+        endpoint_slice(name="web-2", ready=("10.244.2.2",), ports=(("http", "tcp", 9090),)),
+    ]
+    p = plan(snap(mapping("a", mode="direct"), services=[svc], slices=slices), SETTINGS)
+    assert [str(t) for t in p.desired.dnats[0].targets] == ["10.244.1.2:8080", "10.244.2.2:9090"]
+
+
+def test_direct_mode_without_ready_endpoints_waits():
+    p = plan(snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice(ready=())]), SETTINGS)
+    (v,) = p.verdicts
+    assert v.kind == VerdictKind.WAITING
+    assert v.event_reason == "NoReadyEndpoints"
+    assert p.desired.dnats == ()
+
+
+def test_missing_service_waits_with_precise_reason():
+    (v,) = plan(snap(mapping("a", service="nope")), SETTINGS).verdicts
+    assert (v.kind, v.reason, v.event_reason) == (
+        VerdictKind.WAITING,
+        "Service default/nope not found",
+        "ServiceNotFound",
+    )
+
+
+def test_missing_service_port_waits():
+    (v,) = plan(snap(mapping("a", ports=((80, "udp", 80),)), services=[service()]), SETTINGS).verdicts
+    assert v.kind == VerdictKind.WAITING
+    assert v.reason == "Service default/web has no port 80/UDP (spec.ports servicePort)"
+
+
+def test_address_not_on_this_box_is_not_an_error_and_serves_nothing():
+    p = plan(snap(mapping("a", addresses=("203.0.113.99",)), services=[service()]), SETTINGS)
+    (v,) = p.verdicts
+    assert v.kind == VerdictKind.NOT_LOCAL and v.ok
+    assert p.desired.dnats == ()
+
+
+def test_every_local_address_of_a_mapping_is_served():
+    m = mapping("a", addresses=("192.0.2.10", "198.51.100.10", "203.0.113.99"))
+    p = plan(snap(m, services=[service()]), SETTINGS)
+    assert [(str(d.external.address), d.interface) for d in p.desired.dnats] == [
+        ("192.0.2.10", "ext1"),
+        ("198.51.100.10", "ext2"),
+    ]
+
+
+def test_conflict_oldest_wins_and_loser_names_winner():
+    old = mapping("old", namespace="ns-a", created="2026-01-01T00:00:00Z")
+    new = mapping("new", namespace="ns-b", created="2026-02-01T00:00:00Z", service="web")
+    p = plan(
+        snap(new, old, services=[service(namespace="ns-a"), service(namespace="ns-b")]),
+        SETTINGS,
+    )
+    verdicts = {str(v.key): v for v in p.verdicts}
+    assert verdicts["ns-a/old"].kind == VerdictKind.CONFIGURED
+    assert verdicts["ns-b/new"].kind == VerdictKind.CONFLICT
+    assert verdicts["ns-b/new"].reason == "port 80/TCP on 192.0.2.10 is already mapped by ns-a/old"
+    assert [str(d.owner) for d in p.desired.dnats] == ["ns-a/old"]
+
+
+def test_conflict_tie_on_timestamp_breaks_by_namespace_then_name():
+    a = mapping("b", namespace="x")
+    b = mapping("a", namespace="x")
+    p = plan(snap(a, b, services=[service(namespace="x")]), SETTINGS)
+    assert {str(v.key): v.kind for v in p.verdicts} == {"x/a": VerdictKind.CONFIGURED, "x/b": VerdictKind.CONFLICT}
+
+
+def test_conflicts_are_cluster_wide_even_for_addresses_not_on_this_box():
+    old = mapping("old", addresses=("203.0.113.99",), created="2026-01-01T00:00:00Z")
+    new = mapping("new", addresses=("203.0.113.99", "192.0.2.10"), created="2026-03-01T00:00:00Z")
+    p = plan(snap(old, new, services=[service()]), SETTINGS)
+    assert p.verdict(new.key).kind == VerdictKind.CONFLICT
+    assert p.desired.dnats == ()
+
+
+def test_invalid_mapping_does_not_claim_and_others_work():
+    bad = mapping("bad", invalid="spec.ports[0].port: 0 is not a port number (1-65535)", created="2020-01-01T00:00:00Z")
+    good = mapping("good")
+    p = plan(snap(bad, good, services=[service()]), SETTINGS)
+    assert p.verdict(bad.key).kind == VerdictKind.INVALID
+    assert p.verdict(bad.key).reason.startswith("spec.ports[0].port")
+    assert p.verdict(good.key).kind == VerdictKind.CONFIGURED
+
+
+def test_too_many_ports_is_invalid():
+    settings = dataclasses.replace(SETTINGS, max_ports_per_mapping=2)
+    m = mapping("a", ports=((1, "tcp", 80), (2, "tcp", 80), (3, "tcp", 80)))
+    (v,) = plan(snap(m, services=[service()]), settings).verdicts
+    assert v.kind == VerdictKind.INVALID
+    assert v.reason == "spec.ports: 3 ports exceed SNCTRLR_MAX_PORTS_PER_MAPPING=2"
+
+
+def test_deleting_mapping_serves_nothing_and_frees_its_endpoints():
+    old = mapping("old", created="2026-01-01T00:00:00Z", deleting=True)
+    new = mapping("new", created="2026-02-01T00:00:00Z")
+    p = plan(snap(old, new, services=[service()]), SETTINGS)
+    assert p.verdict(old.key).kind == VerdictKind.DELETING
+    assert p.verdict(new.key).kind == VerdictKind.CONFIGURED
+
+
+def test_headless_service_in_service_mode_waits():
+    (v,) = plan(snap(mapping("a"), services=[service(cluster_ip=None)]), SETTINGS).verdicts
+    assert v.kind == VerdictKind.WAITING and v.event_reason == "ServiceHasNoClusterIP"
+
+
+def test_return_paths_per_interface_with_gateway_offset():
+    p = plan(snap(), SETTINGS)
+    paths = {r.interface: r for r in p.desired.return_paths}
+    assert str(paths["ext1"].gateway) == "192.0.2.1"
+    assert paths["ext1"].mark == 3 << 16 and paths["ext1"].table == SETTINGS.route_table_base + 3
+    assert str(paths["ext2"].gateway) == "198.51.100.1"
+
+
+def test_gateway_offset_negative_counts_from_broadcast():
+    from ipaddress import IPv4Interface
+
+    assert str(gateway_of(IPv4Interface("10.10.10.10/24"), -1)) == "10.10.10.254"
+    assert str(gateway_of(IPv4Interface("10.10.10.10/24"), 1)) == "10.10.10.1"
+
+
+def test_unusable_gateway_offset_is_a_host_problem():
+    settings = dataclasses.replace(SETTINGS, gw_address_offset=300)
+    p = plan(snap(mapping("a"), services=[service()]), settings)
+    assert p.desired.return_paths == ()
+    assert any("SNCTRLR_GW_ADDRESS_OFFSET=300" in h for h in p.host_problems)
+    assert p.verdicts[0].kind == VerdictKind.NOT_LOCAL
+
+
+def test_snat_gives_backends_the_mappings_first_served_address():
+    settings = dataclasses.replace(SETTINGS, setup_snat=True)
+    p = plan(snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice()]), settings)
+    assert [(str(e.source), str(e.to), e.interface) for e in p.desired.egress] == [
+        ("10.244.1.2", "192.0.2.10", "ext1"),
+        ("10.244.2.2", "192.0.2.10", "ext1"),
+    ]
+    assert plan(snap(mapping("a"), services=[service()], slices=[endpoint_slice()]), SETTINGS).desired.egress == ()
+
+
+def test_managed_addresses_are_all_external_addresses():
+    p = plan(snap(), SETTINGS)
+    assert [str(a) for a in p.desired.managed_addresses] == ["192.0.2.10", "192.0.2.11", "198.51.100.10"]
+    assert p.desired.external_interfaces == ("ext1", "ext2")
+
+
+def test_empty_host_serves_nothing():
+    p = plan(snap(mapping("a"), services=[service()], h=host()), SETTINGS)
+    assert p.desired.dnats == () and p.verdicts[0].kind == VerdictKind.NOT_LOCAL

@@ -1,0 +1,92 @@
+"""Rendering: golden text, stability, and the incremental difference."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from smartnatd.model import Snapshot
+from smartnatd.nft import names
+from smartnatd.nft.render import diff, render
+from smartnatd.planner import plan
+from tests.builders import HOST, SETTINGS, endpoint_slice, mapping, service
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+
+
+def desired_of(*ms, settings=SETTINGS, slices=None):
+    svc = service(ports=(("http", "tcp", 80, 8080), ("dns", "udp", 53, 5353)))
+    sl = slices if slices is not None else [endpoint_slice(ports=(("http", "tcp", 8080), ("dns", "udp", 5353)))]
+    return plan(Snapshot(mappings=ms, services=(svc,), endpoint_slices=tuple(sl), host=HOST), settings).desired
+
+
+def golden(name: str, text: str, request: pytest.FixtureRequest) -> None:
+    path = GOLDEN / name
+    if request.config.getoption("--update-golden", default=False) or os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run pytest --update-golden"
+    assert text == path.read_text(), f"{name} differs from the golden file; if intended, run pytest --update-golden"
+
+
+def test_golden_full_transaction(request):
+    settings = dataclasses.replace(SETTINGS, setup_snat=True)
+    d = desired_of(
+        mapping("svc", ports=((80, "tcp", 80),), sources=("203.0.113.10/32",)),
+        mapping("direct", addresses=("198.51.100.10",), mode="direct", ports=((53, "udp", 53),)),
+        settings=settings,
+    )
+    golden("full.nft", render(d).text(), request)
+
+
+def test_render_is_byte_stable():
+    d = desired_of(mapping("a"), mapping("b", addresses=("192.0.2.11",), mode="direct"))
+    assert render(d).text() == render(d).text()
+
+
+def test_same_allow_list_shares_one_chain():
+    d = desired_of(
+        mapping("a", sources=("203.0.113.0/28",)),
+        mapping("b", addresses=("192.0.2.11",), sources=("203.0.113.0/28",)),
+    )
+    rs = render(d)
+    assert len([c for c in rs.chains if c.name.startswith(names.SOURCES_PREFIX)]) == 1
+    assert len(rs.set(names.SOURCE_FILTERS).elements) == 2
+
+
+def test_diff_of_identical_rulesets_is_empty():
+    rs = render(desired_of(mapping("a")))
+    step = diff(rs, rs)
+    assert step is not None and step.text == "" and step.operations == 0
+
+
+def test_diff_changing_one_mapping_touches_only_its_elements():
+    before = render(desired_of(mapping("a"), mapping("b", addresses=("192.0.2.11",))))
+    after = render(desired_of(mapping("a"), mapping("b", addresses=("192.0.2.11",), ports=((81, "tcp", 80),))))
+    step = diff(before, after)
+    assert step is not None
+    lines = step.text.splitlines()
+    assert all("192.0.2.11" in line for line in lines), lines
+    assert step.after == after
+
+
+def test_diff_removes_dynamic_chain_in_two_passes():
+    with_chain = render(desired_of(mapping("a", sources=("203.0.113.0/28",))))
+    without = render(desired_of(mapping("a")))
+    first = diff(with_chain, without)
+    assert first is not None
+    chain = next(c.name for c in with_chain.chains if names.is_dynamic(c.name))
+    assert f"flush chain ip smartnat {chain}" in first.text
+    assert "delete chain" not in first.text
+    second = diff(first.after, without)
+    assert second is not None and f"delete chain ip smartnat {chain}" in second.text
+    assert diff(second.after, without).text == ""
+
+
+def test_diff_needs_full_pass_when_base_chain_hook_changes():
+    a = render(desired_of(mapping("a")))
+    b = render(desired_of(mapping("a"), settings=dataclasses.replace(SETTINGS, setup_masquerade=False)))
+    step = diff(a, b)
+    assert step is not None and "flush chain ip smartnat nat-postrouting" in step.text
