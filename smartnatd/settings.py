@@ -1,12 +1,26 @@
-"""SNCTRLR_* environment -> frozen Settings; every bad variable is reported at once."""
+"""SNCTRLR_* environment -> frozen Settings; every bad variable is reported at once.
+
+Compatibility with SmartNat (DevFactory/smartnat, pkg/config/config.go):
+- same names, meanings and defaults; booleans accept everything Go's strconv.ParseBool does
+  (1 t T TRUE true True 0 f F FALSE false False), in any case, plus yes/no/y/n/on/off;
+- SNCTRLR_INTERFACES_PATTERN has Go regexp semantics: an unanchored search, ASCII classes, and
+  the Go-only syntax an operator is likely to have written ([[:digit:]], \\z, \\Q...\\E, (?<name>))
+  is translated to Python's;
+- an empty (or blank) value means the default, as SmartNat did for booleans; the exception is
+  SNCTRLR_MONITOR_IP, where empty means "listen on every address";
+- where SmartNat silently replaced a bad value by a default (or by 0), smartnatd refuses to start
+  and names every bad variable at once (SettingsError, exit 78).
+"""
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import socket
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from smartnatd.errors import SettingsError
@@ -14,13 +28,14 @@ from smartnatd.errors import SettingsError
 PREFIX = "SNCTRLR_"
 # Settings SmartNat had that mean nothing with nftables; accepted so old env files keep working.
 IGNORED = {"IPTABLES_TIMEOUT_SEC": "smartnatd drives nftables in one transaction; no iptables timeout applies"}
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
 class Settings:
     # --- SmartNat's settings, same names, meanings and defaults ---
     interfaces_pattern: str = ""  # regex searched in interface names (Go regexp.MatchString semantics)
-    default_gw_interface: str = ""
+    default_gw_interface: str = ""  # "" = none; SmartNat required it, smartnatd only excludes it
     gw_address_offset: int = 1
     monitor_port: int = 8080
     monitor_ip: str = "127.0.0.1"  # "" binds every address, as in SmartNat
@@ -42,34 +57,148 @@ class Settings:
     sync_debounce_ms: int = 10
     lease_namespace: str = "kube-node-lease"
     lease_duration_sec: int = 30
+    # Not a setting: names of the fields whose value came from the environment (for describe()).
+    from_env: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     @property
     def interfaces_regex(self) -> re.Pattern[str]:
-        return re.compile(self.interfaces_pattern)
+        """The pattern compiled with Go's meaning; no pattern (require=False) matches no interface."""
+        if not self.interfaces_pattern:
+            return re.compile(r"(?!)")
+        return _compile_go_regex(self.interfaces_pattern)
+
+
+# --- Go regexp (RE2 syntax) -> Python re --------------------------------------------------------
+
+# Go's POSIX classes (regexp/syntax/perl_groups.go), written as Python class contents.
+_POSIX_CLASSES = {
+    "alnum": "0-9A-Za-z",
+    "alpha": "A-Za-z",
+    "ascii": r"\x00-\x7f",
+    "blank": r"\t ",
+    "cntrl": r"\x00-\x1f\x7f",
+    "digit": "0-9",
+    "graph": "!-~",
+    "lower": "a-z",
+    "print": " -~",
+    "punct": r"!-/:-@\[-`{-~",
+    "space": r"\t\n\v\f\r ",
+    "upper": "A-Z",
+    "word": "0-9A-Za-z_",
+    "xdigit": "0-9A-Fa-f",
+}
+# Negated POSIX classes that Python can still say inside a bracket expression.
+_NEGATED_POSIX_CLASSES = {"digit": r"\D", "space": r"\S", "word": r"\W"}
+_POSIX_CLASS = re.compile(r"\[:(\^?)([a-z]+):\]")
+
+
+def _python_regex(go_pattern: str) -> str:
+    """Rewrite the Go-only parts of an RE2 pattern; raise ValueError for ones Python cannot say."""
+    out: list[str] = []
+    i, n = 0, len(go_pattern)
+    while i < n:
+        c = go_pattern[i]
+        if c == "\\":
+            pair = go_pattern[i : i + 2]
+            if pair == "\\Q":  # literal text up to \E or the end
+                end = go_pattern.find("\\E", i + 2)
+                stop = n if end < 0 else end
+                out.append(re.escape(go_pattern[i + 2 : stop]))
+                i = n if end < 0 else end + 2
+                continue
+            if pair == "\\z":
+                out.append(r"\Z")
+            elif pair in ("\\p", "\\P"):
+                raise ValueError("Unicode classes (\\p) are not supported; interface names are ASCII, use [A-Za-z]")
+            else:
+                out.append(pair)
+            i += 2
+            continue
+        if c == "[":
+            i = _bracket(go_pattern, i, out)
+            continue
+        if go_pattern.startswith("(?<", i) and go_pattern[i + 3 : i + 4] not in ("=", "!"):
+            out.append("(?P<")  # Go 1.22 named group
+            i += 3
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _bracket(go_pattern: str, start: int, out: list[str]) -> int:
+    """Copy the bracket expression at `start` to `out`, translating POSIX classes; return its end."""
+    n = len(go_pattern)
+    i = start + 1
+    out.append("[")
+    if go_pattern[i : i + 1] == "^":
+        out.append("^")
+        i += 1
+    if go_pattern[i : i + 1] == "]":  # a leading ] is a literal, in Go as in Python
+        out.append(r"\]")
+        i += 1
+    while i < n:
+        c = go_pattern[i]
+        if c == "]":
+            out.append("]")
+            return i + 1
+        if c == "\\":
+            out.append(go_pattern[i : i + 2])
+            i += 2
+            continue
+        posix = _POSIX_CLASS.match(go_pattern, i)
+        if posix:
+            negated, name = posix.groups()
+            if name not in _POSIX_CLASSES:
+                raise ValueError(f"unknown POSIX class [:{negated}{name}:]")
+            if negated and name not in _NEGATED_POSIX_CLASSES:
+                raise ValueError(f"negated POSIX class [:^{name}:] is not supported; write [^{_POSIX_CLASSES[name]}]")
+            out.append(_NEGATED_POSIX_CLASSES[name] if negated else _POSIX_CLASSES[name])
+            i = posix.end()
+            continue
+        out.append(r"\[" if c == "[" else c)  # a literal [ in Go; Python would warn "nested set"
+        i += 1
+    return n  # unterminated: Python's compiler reports it
+
+
+def _compile_go_regex(go_pattern: str) -> re.Pattern[str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # Python's "possible set operation" hints
+        return re.compile(_python_regex(go_pattern), re.ASCII)
+
+
+# --- parsers: str -> value, or ValueError with the sentence after "NAME='raw': " ----------------
+
+_TRUE = frozenset({"1", "t", "true", "y", "yes", "on"})
+_FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
+_INT = re.compile(r"[+-]?[0-9]+")  # Go's strconv.ParseInt base 10: ASCII digits, no '_'
 
 
 def _bool(raw: str) -> bool:
     value = raw.strip().lower()
-    if value in ("1", "t", "true", "yes", "y", "on"):
+    if value in _TRUE:
         return True
-    if value in ("0", "f", "false", "no", "n", "off"):
+    if value in _FALSE:
         return False
-    raise ValueError("not a boolean (true/false)")
+    raise ValueError("not a boolean (true or false)")
 
 
 def _int(raw: str) -> int:
-    try:
-        return int(raw.strip(), 10)
-    except ValueError:
-        raise ValueError("not a whole number") from None
+    value = raw.strip()
+    if not _INT.fullmatch(value):
+        raise ValueError("not a whole number")
+    if len(value.lstrip("+-").lstrip("0")) > 30:  # far out of every range; spare int() the digits
+        return -(10**30) if value.startswith("-") else 10**30
+    return int(value, 10)
 
 
-def _ranged(low: int, high: int | None, what: str = "") -> Callable[[str], int]:
+def _ranged(low: int, high: int | None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         value = _int(raw)
-        if value < low or (high is not None and value > high):
-            bound = f"{low}-{high}" if high is not None else f">= {low}"
-            raise ValueError(f"{what or 'must be'} {bound}".strip())
+        if high is None and value < low:
+            raise ValueError(f"must be at least {low}")
+        if high is not None and not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
         return value
 
     return parse
@@ -82,126 +211,200 @@ def _port(raw: str) -> int:
         raise ValueError("not a port number (1-65535)") from None
 
 
-def _nonzero(raw: str) -> int:
+def _offset(raw: str) -> int:
     value = _int(raw)
     if value == 0:
-        raise ValueError("must not be 0 (positive counts from the network address, negative from broadcast)")
+        raise ValueError("must not be 0: 1 means the subnet's first host address, -1 its last")
+    if not -INT32_MAX - 1 <= value <= INT32_MAX:
+        raise ValueError(f"must be between {-INT32_MAX - 1} and {INT32_MAX}")
     return value
 
 
 def _regex(raw: str) -> str:
-    if not raw:
-        raise ValueError("must not be empty: it selects the external interfaces, e.g. '^eth[1-9][0-9]*$'")
     try:
-        re.compile(raw)
-    except re.error as err:
+        _compile_go_regex(raw)
+    except (re.error, ValueError) as err:
         raise ValueError(f"not a valid regular expression ({err})") from None
+    except (OverflowError, RecursionError):
+        raise ValueError("not a valid regular expression (too large or too deeply nested)") from None
     return raw
 
 
 def _ip_or_empty(raw: str) -> str:
-    if raw == "":
-        return raw
+    value = raw.strip()
+    if value == "":
+        return ""
     try:
-        return str(ipaddress.ip_address(raw.strip()))
+        return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ValueError("not an IP address (leave empty to listen on every address)") from None
+        raise ValueError("not an IP address (leave it empty to listen on every address)") from None
 
 
 def _ifname(raw: str) -> str:
-    if len(raw) > 15 or any(c in raw for c in " /\t"):
-        raise ValueError("not an interface name")
-    return raw
+    # The kernel's dev_valid_name(): at most 15 bytes, not "." or "..", no '/', ':' or whitespace.
+    value = raw.strip()
+    if (
+        len(value.encode("utf-8", "surrogatepass")) > 15
+        or value in (".", "..")
+        or any(c in "/:\0" or c.isspace() for c in value)
+    ):
+        raise ValueError("not an interface name (at most 15 characters, no '/', ':' or spaces)")
+    return value
 
 
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
-        if raw not in options:
+        value = raw.strip()
+        if value not in options:
             raise ValueError(f"must be one of {', '.join(options)}")
-        return raw
+        return value
 
     return parse
 
 
-def _text(raw: str) -> str:
-    return raw
+def _absolute_path(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith("/") or "\0" in value:
+        raise ValueError("must be an absolute path, e.g. /var/lib/smartnat")
+    return value
+
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+
+
+def _dns_subdomain(raw: str) -> str:
+    value = raw.strip()
+    if len(value) > 253 or not re.fullmatch(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*", value):
+        raise ValueError("must be a lower-case DNS name (letters, digits, '-' and '.'); it names this appliance's Lease")
+    return value
 
 
 def _dns_label(raw: str) -> str:
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", raw):
-        raise ValueError("must be a lower-case DNS name (it names this appliance's Lease)")
-    return raw
+    value = raw.strip()
+    if not re.fullmatch(_DNS_LABEL, value):
+        raise ValueError("not a namespace name (lower-case letters, digits and '-', at most 63)")
+    return value
 
 
 PARSERS: dict[str, Callable[[str], Any]] = {
     "interfaces_pattern": _regex,
     "default_gw_interface": _ifname,
-    "gw_address_offset": _nonzero,
+    "gw_address_offset": _offset,
     "monitor_port": _port,
     "monitor_ip": _ip_or_empty,
     "setup_masquerade": _bool,
     "setup_snat": _bool,
-    "iptables_timeout_sec": _ranged(1, None),
+    "iptables_timeout_sec": _ranged(1, INT32_MAX),
     "debug_enabled": _bool,
-    "autorefresh_period_sec": _ranged(1, None),
-    "max_finalize_wait_minutes": _ranged(1, None),
-    "max_ports_per_mapping": _ranged(1, 65535),
-    "instance_name": _dns_label,
+    "autorefresh_period_sec": _ranged(1, INT32_MAX),
+    "max_finalize_wait_minutes": _ranged(1, INT32_MAX),
+    "max_ports_per_mapping": _ranged(1, INT32_MAX),
+    "instance_name": _dns_subdomain,
     "drop_unmapped": _bool,
+    # Table ids 253-255 are the kernel's; base + the largest markable ifindex (0x0FFF) must fit.
     "route_table_base": _ranged(256, 2**31 - 4097),
+    # Below the main table's rule (32766).
     "rule_priority": _ranged(1, 32000),
-    "state_dir": _text,
+    "state_dir": _absolute_path,
     "nft_backend": _choice("auto", "library", "process"),
-    "full_resync_period_sec": _ranged(10, None),
+    "full_resync_period_sec": _ranged(10, INT32_MAX),
     "sync_debounce_ms": _ranged(0, 60000),
     "lease_namespace": _dns_label,
     "lease_duration_sec": _ranged(5, 3600),
 }
 
-REQUIRED = ("interfaces_pattern",)
+# Settings a running daemon cannot do without, and why, for the "is not set" sentence.
+REQUIRED = {
+    "interfaces_pattern": (
+        "it is required; it selects the external (client-facing) interfaces, "
+        "e.g. SNCTRLR_INTERFACES_PATTERN='^eth[1-9][0-9]*$'"
+    ),
+}
+# Settings where an empty value is a value, not "use the default".
+EMPTY_IS_A_VALUE = frozenset({"monitor_ip"})
 
 
 def env_name(field_name: str) -> str:
     return PREFIX + field_name.upper()
 
 
+def _setting_fields() -> list[str]:
+    return [f.name for f in fields(Settings) if f.name in PARSERS]
+
+
+def _is_set(field_name: str, environ: Mapping[str, str]) -> bool:
+    raw = environ.get(env_name(field_name))
+    if raw is None:
+        return False
+    return field_name in EMPTY_IS_A_VALUE or raw.strip() != ""
+
+
 def load(environ: Mapping[str, str], *, require: bool = True) -> tuple[Settings, list[str]]:
     """Parse the environment. Returns settings and notices; raises SettingsError listing every problem.
 
-    `require=False` lets commands that touch nothing (plan, check of one file) run without the
-    settings a running daemon must have.
+    `require=False` lets commands that need no interface selection (cleanup) run without the
+    settings a running daemon must have; a missing pattern then selects no interface.
     """
     values: dict[str, Any] = {}
     problems: list[str] = []
     notices: list[str] = []
-    for f in fields(Settings):
-        name = env_name(f.name)
-        if name not in environ:
-            if require and f.name in REQUIRED:
-                problems.append(f"{name} is not set: {PARSERS[f.name].__doc__ or 'it is required'}")
+    names = _setting_fields()
+    for name in names:
+        var = env_name(name)
+        if not _is_set(name, environ):
+            if require and name in REQUIRED:
+                state = "is empty" if var in environ else "is not set"
+                problems.append(f"{var} {state}: {REQUIRED[name]}")
             continue
-        raw = environ[name]
+        raw = environ[var]
         try:
-            values[f.name] = PARSERS[f.name](raw)
+            values[name] = PARSERS[name](raw)
         except ValueError as err:
-            problems.append(f"{name}={raw!r}: {err}")
+            if name.upper() not in IGNORED:  # a bad value of a setting without effect stops nothing
+                problems.append(f"{var}={raw!r}: {err}")
     for suffix, why in IGNORED.items():
         if PREFIX + suffix in environ:
             notices.append(f"{PREFIX}{suffix} is accepted and ignored: {why}")
-    known = {env_name(f.name) for f in fields(Settings)}
-    for name in sorted(environ):
-        if name.startswith(PREFIX) and name not in known:
-            notices.append(f"{name} is not a smartnatd setting; ignored (typo?)")
+    known = {env_name(name) for name in names}
+    for var in sorted(environ):
+        if var.startswith(PREFIX) and var not in known:
+            close = difflib.get_close_matches(var, sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else "typo?"
+            notices.append(f"{var} is not a smartnatd setting; ignored ({hint})")
     if problems:
         raise SettingsError(problems)
+    gw = values.get("default_gw_interface", "")
+    pattern = values.get("interfaces_pattern", "")
+    if gw and pattern and _compile_go_regex(pattern).search(gw):
+        notices.append(
+            f"SNCTRLR_DEFAULT_GW_INTERFACE={gw!r} matches SNCTRLR_INTERFACES_PATTERN; "
+            "it is excluded from the external interfaces"
+        )
+    from_env = frozenset(values)
     if not values.get("instance_name"):
         values["instance_name"] = _default_instance_name()
-    return Settings(**values), notices
+    return Settings(**values, from_env=from_env), notices
+
+
+def describe(settings: Settings, environ: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """(variable, effective value as written in an env file, "env" or "default") for every setting.
+
+    The source is what load() recorded in `settings`; `environ` is consulted only for settings
+    not made by load() (nothing recorded). An empty value (SNCTRLR_MONITOR_IP) prints as nothing
+    after the '=', as in an env file.
+    """
+    rows: list[tuple[str, str, str]] = []
+    for name in _setting_fields():
+        value = getattr(settings, name)
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if settings.from_env or environ is None:
+            explicit = name in settings.from_env
+        else:
+            explicit = _is_set(name, environ)
+        rows.append((env_name(name), text, "env" if explicit else "default"))
+    return rows
 
 
 def _default_instance_name() -> str:
     name = socket.gethostname().split(".")[0].lower()
-    return re.sub(r"[^a-z0-9-]", "-", name).strip("-") or "smartnat"
-
-
-_regex.__doc__ = "it selects the external interfaces, e.g. SNCTRLR_INTERFACES_PATTERN='^eth[1-9][0-9]*$'"
+    return re.sub(r"[^a-z0-9-]", "-", name)[:63].strip("-") or "smartnat"
