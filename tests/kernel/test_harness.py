@@ -33,6 +33,7 @@ from tests.kernel.harness import (
     open_tcp,
     parse_echo_reply,
     read_sysctl,
+    remove_cluster_ip,
     run,
     sctp_init_segment,
     send_raw_ipv4,
@@ -167,6 +168,11 @@ def test_cluster_ip_reaches_its_backends(topology: Topology,
     install_cluster_ip(topology, cluster_ip="10.96.0.10", port=80, protocol="tcp",
                        backends=[(pod1, port), (pod2, port)])
     assert {answer() for _ in range(30)} == {"pod1", "pod2"}
+
+    remove_cluster_ip(topology, cluster_ip="10.96.0.10", port=80, protocol="tcp")
+    ruleset = sh(topology.router, "nft", "list", "table", "ip", "kube").stdout
+    assert "10.96.0.10 . tcp . 80" not in ruleset and "svc-tcp-80" not in ruleset
+    assert "10.96.0.10 . udp . 80" in ruleset
 
 
 def test_strict_rp_filter_in_client_drops_packets_on_the_wrong_link(
