@@ -113,7 +113,10 @@ def _return_paths(host: Host, settings: Settings) -> tuple[tuple[ReturnPath, ...
             )
             continue
         primary = iface.addresses[0]
-        gateway = gateway_of(primary, settings.gw_address_offset)
+        try:
+            gateway = gateway_of(primary, settings.gw_address_offset)
+        except ValueError:  # the offset leaves the IPv4 space altogether
+            gateway = primary.network.network_address
         if gateway not in primary.network or gateway in (primary.network.network_address, primary.network.broadcast_address):
             problems.append(
                 f"interface {iface.name}: SNCTRLR_GW_ADDRESS_OFFSET={settings.gw_address_offset} gives no usable "

@@ -32,6 +32,9 @@ class SourceDir:
     services: tuple[Service, ...] = ()
     endpoint_slices: tuple[EndpointSlice, ...] = ()
     problems: tuple[str, ...] = ()  # "file: document N: Kind ns/name: reason", in reading order
+    # Files that could not be read or parsed at all: their objects are unknown, not absent, so a
+    # watcher must keep its last good state rather than delete what those files held.
+    unreadable: tuple[str, ...] = ()
 
     def snapshot(self, *, host: Host) -> Snapshot:
         return Snapshot(
@@ -61,14 +64,20 @@ def load_source_dir(path: Path) -> SourceDir:
         # Dotfiles are editor and tool leftovers (.#web.yaml, .web.yaml.swp), never input.
         if p.suffix in SUFFIXES and not p.name.startswith(".") and p.is_file()
     )
+    unreadable: list[str] = []
     for file in files:
-        for where, document in _documents(file, problems=problems):
+        before = len(problems)
+        documents = _documents(file, problems=problems)
+        if not documents and len(problems) > before:
+            unreadable.append(file.name)
+        for where, document in documents:
             _take_document(document, where=where, seen=seen, problems=problems)
     return SourceDir(
         mappings=_sorted(seen["Mapping"]),
         services=_sorted(seen["Service"]),
         endpoint_slices=_sorted(seen["EndpointSlice"]),
         problems=tuple(problems),
+        unreadable=tuple(unreadable),
     )
 
 

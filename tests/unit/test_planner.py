@@ -196,3 +196,9 @@ def test_managed_addresses_are_all_external_addresses():
 def test_empty_host_serves_nothing():
     p = plan(snap(mapping("a"), services=[service()], h=host()), SETTINGS)
     assert p.desired.dnats == () and p.verdicts[0].kind == VerdictKind.NOT_LOCAL
+
+
+def test_offset_beyond_the_address_space_is_a_host_problem_not_a_crash():
+    settings = dataclasses.replace(SETTINGS, gw_address_offset=2**31 - 1)
+    p = plan(snap(h=host(("ext1", 3, ["200.0.0.10/24"]))), settings)
+    assert p.desired.return_paths == () and p.host_problems
