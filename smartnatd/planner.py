@@ -106,6 +106,10 @@ def _return_paths(host: Host, settings: Settings) -> tuple[tuple[ReturnPath, ...
     for iface in sorted(host.interfaces, key=lambda i: i.name):
         if not iface.addresses:
             continue
+        if not iface.up:
+            # The kernel refuses routes through a down link; serve it again when it comes up.
+            problems.append(f"interface {iface.name} is down; its addresses are not served until it is up")
+            continue
         if iface.index > MAX_MARKED_IFINDEX:
             problems.append(
                 f"interface {iface.name} has ifindex {iface.index} > {MAX_MARKED_IFINDEX}: "

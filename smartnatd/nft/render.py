@@ -129,8 +129,9 @@ def render(desired: DesiredState) -> Ruleset:
     prerouting = [
         # Allow-lists first: a refused client is dropped before any NAT or mark.
         f"{KEY} vmap @{n.SOURCE_FILTERS}",
-        # Remember the ingress interface of every connection we serve, for its replies.
-        f"ct state new {KEY} @{n.EXTERNAL_PORTS} ct mark set iifname map @{n.INTERFACE_MARKS}",
+        # Remember the ingress interface of every connection we serve, for its replies. The set
+        # lookup comes first so its element counters see every client packet, not only the first.
+        f"{KEY} @{n.EXTERNAL_PORTS} ct state new ct mark set iifname map @{n.INTERFACE_MARKS}",
     ]
     if desired.drop_unmapped:
         # Only new connections: replies to the box's own traffic from these addresses still pass.

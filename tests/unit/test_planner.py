@@ -202,3 +202,13 @@ def test_offset_beyond_the_address_space_is_a_host_problem_not_a_crash():
     settings = dataclasses.replace(SETTINGS, gw_address_offset=2**31 - 1)
     p = plan(snap(h=host(("ext1", 3, ["200.0.0.10/24"]))), settings)
     assert p.desired.return_paths == () and p.host_problems
+
+
+def test_down_interface_is_not_served_and_reported():
+    from smartnatd.model import Host
+
+    down = Host(interfaces=tuple(dataclasses.replace(i, up=(i.name != "ext2")) for i in HOST.interfaces))
+    p = plan(snap(mapping("a", addresses=("198.51.100.10",)), services=[service()], h=down), SETTINGS)
+    assert [r.interface for r in p.desired.return_paths] == ["ext1"]
+    assert p.verdicts[0].kind == VerdictKind.NOT_LOCAL
+    assert any("ext2 is down" in h for h in p.host_problems)

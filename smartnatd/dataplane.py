@@ -1,0 +1,132 @@
+"""apply(desired): nftables, then policy routing, then conntrack cleanup; one pass at a time.
+
+The first pass after start, and the first after any failure, replaces the whole table in one
+transaction; every other pass applies only the difference from the last applied ruleset, so its
+cost follows the size of the change, not the number of Mappings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from smartnatd.conntrack import ConntrackEdge, stale_flow_filters
+from smartnatd.desired import MARK_MASK, DesiredState
+from smartnatd.errors import DataplaneError
+from smartnatd.nft import names
+from smartnatd.nft.render import Ruleset, cleanup_text, diff, render
+from smartnatd.nft.runner import NftRunner, make_runner
+from smartnatd.routing import RoutingEdge, RoutingReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    full: bool
+    nft_operations: int  # elements and chains touched; 0 when nothing changed
+    routing: RoutingReport
+    flows_deleted: int
+    took: float
+
+    @property
+    def changed(self) -> bool:
+        return self.nft_operations > 0 or self.flows_deleted > 0 or self.routing.changes > 0
+
+
+class Dataplane:
+    def __init__(
+        self,
+        *,
+        netns: str | None,
+        table_base: int,
+        rule_priority: int,
+        nft_backend: str = "auto",
+        state_dir: Path | None = None,
+    ) -> None:
+        self._netns = netns
+        self._runner: NftRunner = make_runner(netns=netns, backend=nft_backend, state_dir=state_dir)
+        self._routing = RoutingEdge(netns=netns, table_base=table_base, rule_priority=rule_priority)
+        self._conntrack = ConntrackEdge(netns=netns)
+        self._applied: Ruleset | None = None  # what the kernel holds, as far as we know
+        self._desired: DesiredState | None = None
+        self._swept = False
+
+    @property
+    def runner(self) -> NftRunner:
+        return self._runner
+
+    async def open(self) -> None:
+        await self._routing.open()
+        await self._conntrack.open()
+
+    async def close(self) -> None:
+        await self._routing.close()
+        await self._conntrack.close()
+        self._runner.close()
+
+    async def __aenter__(self) -> Dataplane:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def invalidate(self) -> None:
+        """Forget what was applied: the next pass is full (after a failure, or to repair drift)."""
+        self._applied = None
+
+    async def apply(self, desired: DesiredState, *, full: bool = False) -> ApplyReport:
+        started = time.monotonic()
+        ruleset = render(desired)
+        loop = asyncio.get_running_loop()
+        step = None if full or self._applied is None else diff(self._applied, ruleset)
+        if step is None:
+            text, after, ops, is_full = ruleset.text(), ruleset, max(1, len(ruleset.sets)), True
+        else:
+            text, after, ops, is_full = step.text, step.after, step.operations, False
+        try:
+            if text:
+                await loop.run_in_executor(None, self._runner.run, text)
+            self._applied = after
+            routing = await self._routing.apply(desired.return_paths)
+        except DataplaneError:
+            self._applied = None
+            raise
+        except Exception as err:  # an unexpected netlink or runner failure: next pass is full
+            self._applied = None
+            raise DataplaneError(f"apply failed: {err}") from err
+        flows = await self._cleanup_flows(desired)
+        self._desired = desired
+        took = time.monotonic() - started
+        logger.debug(
+            "dataplane applied full=%s ops=%d routes=%s flows_deleted=%d took=%.3fs",
+            is_full, ops, routing, flows, took,
+        )
+        return ApplyReport(full=is_full, nft_operations=ops, routing=routing, flows_deleted=flows, took=took)
+
+    async def _cleanup_flows(self, desired: DesiredState) -> int:
+        # Only after the new rules are in: a flow deleted earlier could be re-created by the old ones.
+        filters = stale_flow_filters(old=self._desired, new=desired)
+        try:
+            deleted = await self._conntrack.delete(filters) if filters else 0
+            if not self._swept:
+                known = {d.external for d in desired.dnats}
+                deleted += await self._conntrack.sweep(mark_mask=MARK_MASK, known=known)
+                self._swept = True
+        except Exception:  # stale flows expire by themselves; never fail a pass for them
+            logger.warning("conntrack cleanup failed; stale flows will expire on their own", exc_info=True)
+            return 0
+        return deleted
+
+    async def cleanup(self) -> None:
+        """Remove everything smartnatd owns in the kernel and nothing else."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._runner.run, cleanup_text())
+        await self._routing.cleanup()
+        self._applied = None
+        self._desired = None
+        logger.info("removed table %s %s and owned routes and rules", names.FAMILY, names.TABLE)

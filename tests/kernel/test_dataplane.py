@@ -1,0 +1,288 @@
+"""The data plane carrying real packets: plan -> Dataplane.apply in the appliance namespace.
+
+Each test reads as a story: describe a cluster, apply it, send traffic from the client
+namespace, and check who answered and which source address the pod saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address
+
+import pytest
+from pyroute2 import AsyncIPRoute
+
+from smartnatd.dataplane import Dataplane
+from smartnatd.host import discover
+from smartnatd.model import Snapshot
+from smartnatd.planner import Plan, VerdictKind, plan
+from smartnatd.settings import Settings
+from tests.builders import endpoint_slice, mapping, service
+from tests.kernel.harness import (
+    EchoServers,
+    SctpSniffer,
+    Topology,
+    UdpFlow,
+    echo_server,
+    expect_no_reply,
+    install_cluster_ip,
+    open_tcp,
+    parse_echo_reply,
+    send_sctp_init,
+    sh,
+    tcp_request,
+    udp_request,
+    wait_until,
+)
+
+SETTINGS = Settings(interfaces_pattern=r"^ext[0-9]+$", default_gw_interface="eth0", instance_name="test")
+CLUSTER_IP = "10.96.0.10"
+POD1, POD2 = "10.244.1.2", "10.244.2.2"
+TCP_AND_UDP = ((80, "tcp", 80), (53, "udp", 53))
+
+
+class Appliance:
+    """The real edges in the appliance namespace, driven the way the reconciler drives them."""
+
+    def __init__(self, topology: Topology, dataplane: Dataplane) -> None:
+        self.topology = topology
+        self.dataplane = dataplane
+        self.settings = SETTINGS
+
+    async def apply(self, *mappings, services=(), slices=(), settings: Settings | None = None, full=False) -> Plan:
+        settings = settings or self.settings
+        async with AsyncIPRoute(netns=self.topology.appliance, flags=0) as ipr:
+            host = await discover(ipr, pattern=settings.interfaces_regex, default_gw_interface="eth0")
+        snapshot = Snapshot(mappings=tuple(mappings), services=tuple(services), endpoint_slices=tuple(slices), host=host)
+        p = plan(snapshot, settings)
+        self.last_report = await self.dataplane.apply(p.desired, full=full)
+        return p
+
+    def ruleset(self) -> str:
+        return sh(self.topology.appliance, "nft", "list", "ruleset").stdout
+
+
+@pytest.fixture
+async def appliance(topology: Topology, tmp_path) -> AsyncIterator[Appliance]:
+    dp = Dataplane(
+        netns=topology.appliance,
+        table_base=SETTINGS.route_table_base,
+        rule_priority=SETTINGS.rule_priority,
+        state_dir=tmp_path,
+    )
+    async with dp:
+        yield Appliance(topology, dp)
+
+
+def client_tcp(t: Topology, *, dst, port, src=None, payload=b"ping"):
+    return parse_echo_reply(tcp_request(t.client, dst=dst, port=port, src=src or t.allowed_client, payload=payload))
+
+
+def client_udp(t: Topology, *, dst, port, src=None):
+    return parse_echo_reply(udp_request(t.client, dst=dst, port=port, src=src or t.allowed_client))
+
+
+def web(**kw):
+    return service(ports=(("http", "tcp", 80, 8080), ("dns", "udp", 53, 8080)), **kw)
+
+
+def web_slice(ready=(POD1, POD2)):
+    return endpoint_slice(ready=ready, ports=(("http", "tcp", 8080), ("dns", "udp", 8080)))
+
+
+async def test_service_mode_reaches_pod_through_cluster_ip_with_port_translation(topology, echo_servers, appliance):
+    install_cluster_ip(topology, cluster_ip=CLUSTER_IP, port=80, protocol="tcp", backends=[(POD1, 8080)])
+    install_cluster_ip(topology, cluster_ip=CLUSTER_IP, port=53, protocol="udp", backends=[(POD1, 8080)])
+    p = await appliance.apply(
+        mapping("web", ports=((8000, "tcp", 80), (5300, "udp", 53))), services=[web()], slices=[web_slice()]
+    )
+    assert p.verdicts[0].kind == VerdictKind.CONFIGURED
+    tcp = await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=8000)
+    udp = await asyncio.to_thread(client_udp, topology, dst="192.0.2.10", port=5300)
+    # Masquerade is on by default: the pod sees the appliance, and answers through it.
+    assert (tcp.name, tcp.peer) == ("pod1", IPv4Address("10.10.0.2"))
+    assert (udp.name, udp.peer) == ("pod1", IPv4Address("10.10.0.2"))
+
+
+async def test_refused_client_is_dropped_and_allowed_client_served(topology, echo_servers, appliance):
+    await appliance.apply(
+        mapping("web", mode="direct", sources=("203.0.113.10/32",)), services=[web()], slices=[web_slice((POD1,))]
+    )
+    assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
+    refused = await asyncio.to_thread(
+        expect_no_reply, tcp_request, topology.client, dst="192.0.2.10", port=80, src=topology.refused_client, timeout=0.5
+    )
+    assert refused
+    assert all(peer[0] != topology.refused_client for peer in echo_servers["pod1", "tcp"].peers)
+
+
+async def test_reply_leaves_by_the_interface_the_connection_came_in_on(topology, echo_servers, appliance):
+    # Strict rp_filter in the client drops a reply on the wrong link, so each success proves the path.
+    await appliance.apply(
+        mapping("web", mode="direct", addresses=("192.0.2.10", "192.0.2.11", "198.51.100.10"), ports=TCP_AND_UDP),
+        services=[web()],
+        slices=[web_slice((POD1,))],
+    )
+    for dst in ("192.0.2.10", "192.0.2.11", "198.51.100.10"):
+        reply = await asyncio.to_thread(client_tcp, topology, dst=dst, port=80)
+        assert reply.name == "pod1", dst
+        udp = await asyncio.to_thread(client_udp, topology, dst=dst, port=53)
+        assert udp.name == "pod1", dst
+
+
+async def test_without_policy_routing_the_reply_is_lost(topology, echo_servers, appliance):
+    """The control experiment: the same rules with the return-path routes removed fail."""
+    await appliance.apply(mapping("web", mode="direct", addresses=("198.51.100.10",)), services=[web()], slices=[web_slice((POD1,))])
+    assert (await asyncio.to_thread(client_tcp, topology, dst="198.51.100.10", port=80)).name == "pod1"
+    await appliance.dataplane._routing.cleanup()
+    assert await asyncio.to_thread(
+        expect_no_reply, tcp_request, topology.client, dst="198.51.100.10", port=80, src=topology.allowed_client, timeout=0.5
+    )
+
+
+async def test_masquerade_off_lets_the_pod_see_the_client(topology, echo_servers, appliance):
+    settings = dataclasses.replace(SETTINGS, setup_masquerade=False)
+    await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice((POD2,))], settings=settings)
+    reply = await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)
+    assert (reply.name, reply.peer) == ("pod2", topology.allowed_client)
+
+
+async def test_direct_mode_spreads_new_connections_over_both_pods(topology, echo_servers, appliance):
+    await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice()])
+
+    def spread() -> set[str]:
+        return {client_tcp(topology, dst="192.0.2.10", port=80).name for _ in range(40)}
+
+    assert await asyncio.to_thread(spread) == {"pod1", "pod2"}
+
+
+async def test_egress_snat_gives_pods_the_mappings_address(topology, echo_servers, appliance):
+    settings = dataclasses.replace(SETTINGS, setup_snat=True)
+    await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice((POD1,))], settings=settings)
+    with echo_server(topology.client, "tcp", topology.allowed_client, 9000, name="outside") as outside:
+        reply = parse_echo_reply(
+            await asyncio.to_thread(tcp_request, topology.pods[0], dst=topology.allowed_client, port=9000)
+        )
+        assert reply.name == "outside"
+        # The pod's connection left through ext1 with the Mapping's external address.
+        assert reply.peer == IPv4Address("192.0.2.10")
+        assert outside.peers[-1][0] == IPv4Address("192.0.2.10")
+
+
+async def test_sctp_is_translated_to_the_endpoint(topology, appliance):
+    svc = service(ports=(("sig", "sctp", 3868, 9000),))
+    sl = endpoint_slice(ready=(POD1,), ports=(("sig", "sctp", 9000),))
+    await appliance.apply(mapping("diameter", mode="direct", ports=((3868, "sctp", 3868),)), services=[svc], slices=[sl])
+    sniffer = SctpSniffer(topology.pods[0])
+    try:
+        await asyncio.to_thread(
+            send_sctp_init, topology.client, src=topology.allowed_client, dst="192.0.2.10", sport=40000, dport=3868
+        )
+        packet = await asyncio.to_thread(sniffer.wait_for, lambda p: p.dport == 9000, timeout=2.0)
+        assert (str(packet.dst), packet.dport) == (POD1, 9000)
+        assert packet.checksum_ok
+    finally:
+        sniffer.close()
+
+
+async def test_target_change_moves_a_long_lived_udp_flow_and_spares_others(topology, echo_servers, appliance):
+    other = mapping("other", mode="direct", addresses=("198.51.100.10",), ports=TCP_AND_UDP)
+    await appliance.apply(mapping("web", mode="direct", ports=TCP_AND_UDP), other, services=[web()], slices=[web_slice((POD1,))])
+    flow = UdpFlow(topology.client, src=topology.allowed_client, sport=40001, dst="192.0.2.10", dport=53)
+    spared = UdpFlow(topology.client, src=topology.allowed_client, sport=40002, dst="198.51.100.10", dport=53)
+    try:
+        assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"a")).name == "pod1"
+        assert parse_echo_reply(await asyncio.to_thread(spared.exchange, b"a")).name == "pod1"
+        # The backend moves to pod2 for "web" only ("other" keeps pod1 through its own slice).
+        other_svc = service("other", ports=(("http", "tcp", 80, 8080), ("dns", "udp", 53, 8080)))
+        other_slice = endpoint_slice("other", ready=(POD1,), ports=(("http", "tcp", 8080), ("dns", "udp", 8080)))
+        other = dataclasses.replace(other, spec=dataclasses.replace(other.spec, service_name="other"))
+        await appliance.apply(mapping("web", mode="direct", ports=TCP_AND_UDP), other, services=[web(), other_svc], slices=[web_slice((POD2,)), other_slice])
+        assert appliance.last_report.flows_deleted >= 1
+        assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"b")).name == "pod2"
+        assert parse_echo_reply(await asyncio.to_thread(spared.exchange, b"b")).name == "pod1"
+    finally:
+        flow.close()
+        spared.close()
+
+
+async def test_conflicting_and_invalid_mappings_leave_the_others_working(topology, echo_servers, appliance):
+    winner = mapping("winner", namespace="default", mode="direct", created="2026-01-01T00:00:00Z")
+    loser = mapping("loser", namespace="default", mode="direct", created="2026-02-01T00:00:00Z", addresses=("192.0.2.10", "192.0.2.11"))
+    bad = mapping("bad", invalid="spec.ports[0].port: 0 is not a port number (1-65535)")
+    other = mapping("other", mode="direct", addresses=("198.51.100.10",), created="2026-03-01T00:00:00Z")
+    p = await appliance.apply(winner, loser, bad, other, services=[web()], slices=[web_slice((POD1,))])
+    kinds = {str(v.key): v.kind for v in p.verdicts}
+    assert kinds == {
+        "default/winner": VerdictKind.CONFIGURED,
+        "default/loser": VerdictKind.CONFLICT,
+        "default/bad": VerdictKind.INVALID,
+        "default/other": VerdictKind.CONFIGURED,
+    }
+    assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
+    assert (await asyncio.to_thread(client_tcp, topology, dst="198.51.100.10", port=80)).name == "pod1"
+    # The loser's other address is not served: nothing half-applied.
+    assert await asyncio.to_thread(
+        expect_no_reply, tcp_request, topology.client, dst="192.0.2.11", port=80, src=topology.allowed_client, timeout=0.5
+    )
+
+
+async def test_unmapped_port_is_dropped_but_the_box_own_traffic_still_works(topology, echo_servers, appliance):
+    await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice((POD1,))])
+    with echo_server(topology.appliance, "tcp", "192.0.2.10", 9999, name="local"):
+        assert await asyncio.to_thread(
+            expect_no_reply, tcp_request, topology.client, dst="192.0.2.10", port=9999, src=topology.allowed_client, timeout=0.5
+        )
+    with echo_server(topology.client, "tcp", topology.allowed_client, 9001, name="outside"):
+        # The box's own connection from an external address: its replies are established, not new.
+        await asyncio.to_thread(sh, topology.appliance, "ip", "route", "add", "203.0.113.10/32", "via", "192.0.2.1")
+        reply = parse_echo_reply(
+            await asyncio.to_thread(tcp_request, topology.appliance, dst=topology.allowed_client, port=9001, src="192.0.2.10")
+        )
+        assert reply.name == "outside"
+
+
+async def test_reapplying_the_same_state_changes_nothing_and_keeps_connections(topology, echo_servers, appliance):
+    objs = dict(services=[web()], slices=[web_slice((POD1,))])
+    await appliance.apply(mapping("web", mode="direct"), **objs)
+    listing = appliance.ruleset()
+    rules = sh(topology.appliance, "ip", "rule").stdout
+    conn = await asyncio.to_thread(open_tcp, topology.client, dst="192.0.2.10", port=80, src=topology.allowed_client)
+    try:
+        assert parse_echo_reply(await asyncio.to_thread(conn.exchange, b"one")).name == "pod1"
+        await appliance.apply(mapping("web", mode="direct"), **objs)
+        report = appliance.last_report
+        assert (report.full, report.nft_operations, report.routing.changes, report.flows_deleted) == (False, 0, 0, 0)
+        await appliance.apply(mapping("web", mode="direct"), full=True, **objs)
+        assert appliance.ruleset() == listing
+        assert sh(topology.appliance, "ip", "rule").stdout == rules
+        assert parse_echo_reply(await asyncio.to_thread(conn.exchange, b"two")).name == "pod1"
+    finally:
+        conn.close()
+
+
+async def test_incremental_update_serves_a_new_mapping_and_removes_an_old_one(topology, echo_servers, appliance):
+    objs = dict(services=[web()], slices=[web_slice((POD1,))])
+    await appliance.apply(mapping("a", mode="direct", sources=("203.0.113.10/32",)), **objs)
+    await appliance.apply(mapping("b", mode="direct", addresses=("198.51.100.10",)), **objs)
+    assert not appliance.last_report.full
+    assert (await asyncio.to_thread(client_tcp, topology, dst="198.51.100.10", port=80)).name == "pod1"
+    assert await asyncio.to_thread(
+        expect_no_reply, tcp_request, topology.client, dst="192.0.2.10", port=80, src=topology.allowed_client, timeout=0.5
+    )
+
+
+async def test_cleanup_removes_everything_owned_and_nothing_else(topology, echo_servers, appliance):
+    install_cluster_ip(topology, cluster_ip=CLUSTER_IP, port=80, protocol="tcp", backends=[(POD1, 8080)])
+    sh(topology.appliance, "nft", "add table ip other")
+    await appliance.apply(mapping("web"), services=[web()], slices=[web_slice()])
+    assert "table ip smartnat" in appliance.ruleset()
+    await appliance.dataplane.cleanup()
+    listing = appliance.ruleset()
+    assert "smartnat" not in listing and "table ip other" in listing
+    assert "lookup 2" not in sh(topology.appliance, "ip", "rule").stdout
+    assert sh(topology.appliance, "ip", "route", "show", "table", "all", "proto", "200").stdout.strip() == ""
+    assert "table ip kube" in sh(topology.router, "nft", "list", "ruleset").stdout
+    wait_until(lambda: True, timeout=0.1)
