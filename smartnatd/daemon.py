@@ -1,0 +1,163 @@
+"""Wiring: builds the edges, runs sources, reconciler and HTTP in one TaskGroup; graceful stop.
+
+Stopping leaves the kernel state in place, so live connections survive a restart or upgrade;
+the next process re-adopts it with a full pass and removes only what is stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from smartnatd import __version__, logs
+from smartnatd.dataplane import Dataplane
+from smartnatd.health import build_app
+from smartnatd.host import HostWatcher
+from smartnatd.metrics import Metrics, nft_counter_reader
+from smartnatd.reconciler import LogWriteback, Reconciler, Writeback
+from smartnatd.settings import Settings
+from smartnatd.sourcedir import load_source_dir
+from smartnatd.store import Kind, Store
+from smartnatd.systemd import SystemdNotifier
+
+logger = logging.getLogger(__name__)
+
+STOP_DEADLINE = 15.0  # below the unit's TimeoutStopSec=20s
+SOURCE_POLL = 0.25
+
+
+def run_daemon(*, settings: Settings, source: Path | None, netns: str | None) -> int:
+    logs.setup(debug=settings.debug_enabled)
+    try:
+        return asyncio.run(_main(settings=settings, source=source, netns=netns))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _state_dir(settings: Settings) -> Path | None:
+    path = Path(settings.state_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError as err:
+        logger.warning("state directory %s unusable (%s); failed transactions will not be saved", path, err)
+        return None
+
+
+async def _main(*, settings: Settings, source: Path | None, netns: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logger.info(
+        "smartnatd %s starting instance=%s source=%s interfaces=%r",
+        __version__, settings.instance_name, source or "kubernetes", settings.interfaces_pattern,
+    )
+    store = Store()
+    notifier = SystemdNotifier()
+    dataplane = Dataplane(
+        netns=netns,
+        table_base=settings.route_table_base,
+        rule_priority=settings.rule_priority,
+        nft_backend=settings.nft_backend,
+        state_dir=_state_dir(settings),
+    )
+    await dataplane.open()
+    writeback: Writeback
+    kube = None
+    if source is None:
+        from smartnatd.kube.client import KubeSource
+
+        kube = await KubeSource.create(settings=settings, store=store)
+        writeback = kube.writeback
+    else:
+        writeback = LogWriteback()
+    reconciler = Reconciler(store=store, dataplane=dataplane, settings=settings, writeback=writeback, notifier=notifier)
+    metrics = Metrics(health=lambda: reconciler.health, counters=nft_counter_reader(dataplane.runner))
+    reconciler._on_pass = metrics.observe_pass
+    watchdog = notifier.watchdog_interval or 10.0
+    app = build_app(
+        health=lambda: reconciler.health,
+        metrics=metrics,
+        max_pass_age=max(3 * settings.full_resync_period_sec, 60.0),
+        max_loop_stall=max(3 * watchdog, 30.0),
+    )
+    http = web.AppRunner(app, access_log=None)
+    await http.setup()
+    site = web.TCPSite(http, settings.monitor_ip or None, settings.monitor_port)
+    await site.start()
+    logger.info("monitoring on http://%s:%d/ (healthz, readyz, metrics)", settings.monitor_ip or "*", settings.monitor_port)
+    host_watcher = HostWatcher(
+        netns=netns,
+        pattern=settings.interfaces_regex,
+        default_gw_interface=settings.default_gw_interface,
+        on_change=lambda: store.set_host(host_watcher.host) if host_watcher.host is not None else None,
+        refresh_period=float(settings.autorefresh_period_sec),
+    )
+    try:
+        async with asyncio.TaskGroup() as tg:
+            sources = [tg.create_task(host_watcher.run(), name="host")]
+            if source is not None:
+                sources.append(tg.create_task(watch_source_dir(source, store=store), name="source-dir"))
+            elif kube is not None:
+                sources.append(tg.create_task(kube.run(), name="kubernetes"))
+            await reconciler.run(stop=stop, watchdog_interval=notifier.watchdog_interval)
+            logger.info("stopping: sources stop, kernel state stays in place")
+            notifier.stopping()
+            for task in sources:
+                task.cancel()
+    finally:
+        async with asyncio.timeout(STOP_DEADLINE):
+            if kube is not None:
+                await kube.close()
+            await http.cleanup()
+            await dataplane.close()
+    logger.info("stopped")
+    return 0
+
+
+def _signature(path: Path) -> tuple:
+    entries = []
+    for p in sorted(path.iterdir()):
+        if p.suffix in (".yaml", ".yml", ".json"):
+            st = p.stat()
+            entries.append((p.name, st.st_mtime_ns, st.st_size))
+    return tuple(entries)
+
+
+async def watch_source_dir(path: Path, *, store: Store, poll: float = SOURCE_POLL) -> None:
+    """The file source: re-read DIR whenever a file in it changes (a cluster snapshot on disk)."""
+    seen: tuple | None = None
+    problems: tuple[str, ...] = ()
+    while True:
+        try:
+            sig = await asyncio.to_thread(_signature, path)
+        except OSError as err:
+            logger.warning("source directory %s unreadable: %s; keeping the last state", path, err)
+            sig = seen
+        if sig != seen:
+            seen = sig
+            try:
+                loaded = await asyncio.to_thread(load_source_dir, path)
+            except OSError as err:
+                logger.warning("source directory %s unreadable: %s; keeping the last state", path, err)
+                await asyncio.sleep(poll)
+                continue
+            if loaded.problems != problems:
+                problems = loaded.problems
+                for problem in problems:
+                    logger.warning("source: %s", problem)
+            if loaded.unreadable:
+                # Unknown is not absent: deleting those files' Mappings would cut live traffic.
+                logger.warning(
+                    "source: keeping the last good state until %s can be read", ", ".join(loaded.unreadable)
+                )
+            else:
+                store.replace(Kind.MAPPINGS, loaded.mappings)
+                store.replace(Kind.SERVICES, loaded.services)
+                store.replace(Kind.ENDPOINT_SLICES, loaded.endpoint_slices)
+        await asyncio.sleep(poll)

@@ -1,0 +1,106 @@
+"""smartnat_* metrics: definitions, updates after each pass, and per-Mapping nft counters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from smartnatd import __version__
+from smartnatd.dataplane import ApplyReport
+from smartnatd.nft import names
+from smartnatd.reconciler import Health
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _StateCollector(Collector):
+    """Gauges read from the published Health at scrape time, so they are never stale."""
+
+    def __init__(self, health: Callable[[], Health]) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        h = self._health()
+        mappings = GaugeMetricFamily("smartnat_mappings", "Mappings by verdict of the last successful pass", labels=["verdict"])
+        for verdict in ("Configured", "NotLocal", "Invalid", "Conflict", "Waiting", "Deleting"):
+            mappings.add_metric([verdict], h.verdicts.get(verdict, 0))
+        yield mappings
+        yield GaugeMetricFamily("smartnat_endpoints", "External endpoints served by this appliance", value=h.endpoints)
+        yield GaugeMetricFamily("smartnat_ready", "1 after the first successful full pass", value=int(h.ready))
+        if h.last_success_wall is not None:
+            yield GaugeMetricFamily(
+                "smartnat_last_sync_success_timestamp_seconds",
+                "Unix time of the last successful pass",
+                value=h.last_success_wall,
+            )
+        yield GaugeMetricFamily(
+            "smartnat_consecutive_sync_failures", "Failed passes since the last success", value=h.consecutive_failures
+        )
+
+
+class _CounterCollector(Collector):
+    """Per-Mapping packets and bytes from the nft element counters of external-ports."""
+
+    def __init__(self, read: Callable[[], dict[str, tuple[int, int, str]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        # Counted by the external-ports lookup every client-to-endpoint packet passes (replies
+        # are not counted: their destination is the client).
+        packets = CounterMetricFamily(
+            "smartnat_mapping_packets", "Packets from clients to an external endpoint", labels=["mapping", "endpoint"]
+        )
+        octets = CounterMetricFamily(
+            "smartnat_mapping_bytes", "Bytes from clients to an external endpoint", labels=["mapping", "endpoint"]
+        )
+        try:
+            counters = self._read()
+        except Exception:  # a scrape must not fail because the table is being replaced
+            logger.debug("reading nft counters failed", exc_info=True)
+            counters = {}
+        for key, (p, b, owner) in sorted(counters.items()):
+            parts = key.split(" . ")
+            endpoint = f"{parts[0]}:{parts[2]}/{parts[1]}" if len(parts) == 3 else key
+            packets.add_metric([owner, endpoint], p)
+            octets.add_metric([owner, endpoint], b)
+        yield packets
+        yield octets
+
+
+class Metrics:
+    def __init__(self, *, health: Callable[[], Health], counters: Callable[[], dict[str, tuple[int, int, str]]] | None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sync_duration = Histogram(
+            "smartnat_sync_duration_seconds", "Time of one pass: plan, apply, cleanup, write-back",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+        )
+        self.syncs = Counter("smartnat_syncs", "Successful passes", ["type"], registry=r)
+        self.failures = Counter("smartnat_sync_failures", "Passes the kernel rejected", registry=r)
+        self.flows_deleted = Counter("smartnat_conntrack_flows_deleted", "Stale flows deleted from conntrack", registry=r)
+        info = Gauge("smartnat_info", "smartnatd version", ["version"], registry=r)
+        info.labels(version=__version__).set(1)
+        r.register(_StateCollector(health))
+        if counters is not None:
+            r.register(_CounterCollector(counters))
+
+    def observe_pass(self, report: ApplyReport | None, took: float, ok: bool) -> None:
+        self.sync_duration.observe(took)
+        if not ok or report is None:
+            self.failures.inc()
+            return
+        self.syncs.labels(type="full" if report.full else "incremental").inc()
+        self.flows_deleted.inc(report.flows_deleted)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def nft_counter_reader(runner) -> Callable[[], dict[str, tuple[int, int, str]]]:
+    return lambda: runner.element_counters(names.FAMILY, names.TABLE, names.EXTERNAL_PORTS)

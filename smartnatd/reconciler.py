@@ -1,0 +1,219 @@
+"""dirty -> debounce -> snapshot -> plan -> apply -> write back; one pass at a time.
+
+The reconciler is the only caller of plan, apply and write-back. A failed pass keeps the last
+good kernel state and status, is retried with capped backoff, and makes the next pass full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from smartnatd.dataplane import ApplyReport, Dataplane
+from smartnatd.errors import DataplaneError
+from smartnatd.planner import Plan, Verdict, plan
+from smartnatd.settings import Settings
+from smartnatd.store import Store
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
+
+
+class Writeback(Protocol):
+    async def publish(self, plan: Plan, *, previous: Plan | None) -> None:
+        """Tell users what the last successful pass did (status, Events, log lines)."""
+
+
+class Notifier(Protocol):
+    def ready(self, status: str) -> None: ...
+    def status(self, status: str) -> None: ...
+    def watchdog(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Health:
+    """What health, metrics and STATUS= read; replaced as a whole after each pass."""
+
+    started: float  # monotonic
+    ready: bool = False
+    passes: int = 0
+    full_passes: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_success_monotonic: float | None = None
+    last_success_wall: float | None = None
+    last_duration: float = 0.0
+    last_error: str = ""
+    loop_heartbeat: float = 0.0  # monotonic time the loop last came round
+    verdicts: dict[str, int] = field(default_factory=dict)
+    endpoints: int = 0
+    unsynced: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.verdicts.items())) or "no mappings"
+        state = "ready" if self.ready else "starting"
+        if self.consecutive_failures:
+            state = f"FAILING ({self.consecutive_failures}x): {self.last_error}"
+        return f"{state}; {self.endpoints} endpoints served; {kinds}"
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        dataplane: Dataplane,
+        settings: Settings,
+        writeback: Writeback,
+        notifier: Notifier,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        on_pass: Callable[[ApplyReport | None, float, bool], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._dataplane = dataplane
+        self._settings = settings
+        self._writeback = writeback
+        self._notifier = notifier
+        self._clock = clock
+        self._wall = wall_clock
+        self._on_pass = on_pass
+        self.health = Health(started=clock())
+        self.plan: Plan | None = None
+        self._last_full = 0.0
+        self._backoff = 0.0
+
+    def _publish(self, **changes: object) -> None:
+        from dataclasses import replace
+
+        self.health = replace(self.health, loop_heartbeat=self._clock(), **changes)  # type: ignore[arg-type]
+
+    async def run(self, *, stop: asyncio.Event, watchdog_interval: float | None = None) -> None:
+        tick = min(watchdog_interval or 5.0, 5.0)
+        while not self._store.is_synced:
+            self._publish(unsynced=tuple(self._store.unsynced()))
+            self._notifier.watchdog()
+            if await _wait_any(self._store.synced, stop, timeout=tick):
+                if stop.is_set():
+                    return
+        self._publish(unsynced=())
+        logger.info("all sources synced; first pass")
+        while not stop.is_set():
+            full_due = self._clock() - self._last_full >= self._settings.full_resync_period_sec
+            if self._store.dirty.is_set() or full_due or self._backoff:
+                if self._backoff:
+                    await _wait_any(stop, timeout=self._backoff)
+                    if stop.is_set():
+                        return
+                elif self._settings.sync_debounce_ms:
+                    # Coalesce a burst: events arriving now are part of this pass.
+                    await asyncio.sleep(self._settings.sync_debounce_ms / 1000)
+                await self.run_once(full=full_due)
+            self._notifier.watchdog()
+            self._publish()
+            await _wait_any(self._store.dirty, stop, timeout=tick)
+
+    async def run_once(self, *, full: bool = False) -> bool:
+        """One pass. Returns True when the kernel now matches the plan."""
+        self._store.dirty.clear()
+        started = self._clock()
+        snapshot = self._store.snapshot()
+        new_plan = plan(snapshot, self._settings)
+        if self.plan is None or new_plan.host_problems != self.plan.host_problems:
+            for problem in new_plan.host_problems:
+                logger.warning("host problem: %s", problem)
+        try:
+            report = await self._dataplane.apply(new_plan.desired, full=full)
+        except DataplaneError as err:
+            self._dataplane.invalidate()
+            self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
+            failures = self.health.consecutive_failures + 1
+            if failures == 1:
+                logger.error("sync failed; keeping the last applied state: %s (retry in %.1fs)", err, self._backoff)
+            else:
+                logger.debug("sync still failing (%d): %s", failures, err)
+            self._publish(
+                failures=self.health.failures + 1,
+                consecutive_failures=failures,
+                last_error=str(err),
+                last_duration=self._clock() - started,
+            )
+            self._notifier.status(self.health.summary())
+            if self._on_pass:
+                self._on_pass(None, self._clock() - started, False)
+            return False
+        if self.health.consecutive_failures:
+            logger.warning("sync recovered after %d failed passes", self.health.consecutive_failures)
+        self._backoff = 0.0
+        if report.full:
+            self._last_full = self._clock()
+        previous, self.plan = self.plan, new_plan
+        await self._writeback.publish(new_plan, previous=previous)
+        took = self._clock() - started
+        counts = Counter(str(v.kind) for v in new_plan.verdicts)
+        first = not self.health.ready
+        self._publish(
+            ready=True,
+            passes=self.health.passes + 1,
+            full_passes=self.health.full_passes + int(report.full),
+            consecutive_failures=0,
+            last_error="",
+            last_success_monotonic=self._clock(),
+            last_success_wall=self._wall(),
+            last_duration=took,
+            verdicts=dict(counts),
+            endpoints=len(new_plan.desired.dnats),
+        )
+        if report.changed or first:
+            logger.info(
+                "sync applied mappings=%d endpoints=%d full=%s ops=%d flows_deleted=%d took=%.3fs",
+                len(new_plan.verdicts), len(new_plan.desired.dnats), report.full,
+                report.nft_operations, report.flows_deleted, took,
+            )
+        if first:
+            self._notifier.ready(self.health.summary())
+        else:
+            self._notifier.status(self.health.summary())
+        if self._on_pass:
+            self._on_pass(report, took, True)
+        return True
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:
+    """Wait until one of `events` is set or the timeout passes; True if one was set."""
+    if any(e.is_set() for e in events):
+        return True
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return bool(done)
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+
+
+def verdict_changed(before: Verdict | None, after: Verdict) -> bool:
+    return before is None or (before.kind, before.reason) != (after.kind, after.reason)
+
+
+class LogWriteback:
+    """Write-back for the file source: verdict transitions go to the log, once each."""
+
+    async def publish(self, plan: Plan, *, previous: Plan | None) -> None:
+        before = {v.key: v for v in previous.verdicts} if previous else {}
+        for v in plan.verdicts:
+            if not verdict_changed(before.get(v.key), v):
+                continue
+            level = logging.INFO if v.ok or v.kind == "Deleting" else logging.WARNING
+            logger.log(level, "mapping %s %s: %s", v.key, v.kind, v.reason)
+        now = {v.key for v in plan.verdicts}
+        for key in sorted(set(before) - now):
+            logger.info("mapping %s removed", key)
