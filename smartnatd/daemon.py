@@ -70,9 +70,16 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
     writeback: Writeback
     kube = None
     if source is None:
+        from smartnatd.errors import SettingsError
         from smartnatd.kube.client import KubeSource
 
-        kube = await KubeSource.create(settings=settings, store=store)
+        try:
+            kube = await KubeSource.create(settings=settings, store=store)
+        except SettingsError as err:  # no usable kubeconfig: a restart cannot fix it (exit 78)
+            for problem in err.problems:
+                logger.critical("%s", problem)
+            await dataplane.close()
+            return err.exit_code
         writeback = kube.writeback
     else:
         writeback = LogWriteback()

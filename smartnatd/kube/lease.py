@@ -1,0 +1,140 @@
+"""This appliance's Lease (`smartnat-<instance>`), and whether another appliance's is still held.
+
+Each appliance renews a coordination.k8s.io/v1 Lease every lease_duration/3. It is no leader
+election: every appliance holds its own Lease, and the others read it to tell a live appliance
+from a dead one. A dead appliance's entry in a deleted Mapping's status can then be released at
+once instead of waiting out SNCTRLR_MAX_FINALIZE_WAIT_MINUTES.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from kubernetes_asyncio.client import CoordinationV1Api
+
+from smartnatd.errors import KubeApiError
+from smartnatd.kube.api import MERGE_PATCH, call
+
+logger = logging.getLogger(__name__)
+
+LEASE_PREFIX = "smartnat-"
+
+
+def lease_name(instance: str) -> str:
+    return f"{LEASE_PREFIX}{instance}"[:253]
+
+
+def micro_time(when: float) -> str:
+    """metav1.MicroTime: RFC 3339 with microseconds, UTC."""
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: object) -> float | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    holder: str
+    expires: float | None  # wall-clock seconds; None: no Lease, or one without renewTime
+
+    def alive(self, now: float) -> bool:
+        return self.expires is not None and now < self.expires
+
+
+class Leases:
+    """Holds this appliance's Lease and reads the others'."""
+
+    def __init__(
+        self,
+        *,
+        api: CoordinationV1Api,
+        namespace: str,
+        instance: str,
+        duration: int,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._api = api
+        self._namespace = namespace
+        self._instance = instance
+        self._duration = duration
+        self._wall = wall_clock
+        self._sleep = sleep
+        self._created = False
+        self._failing = False
+
+    @property
+    def name(self) -> str:
+        return lease_name(self._instance)
+
+    async def renew(self) -> None:
+        """Create the Lease once, then move renewTime forward. Raises KubeApiError."""
+        now = micro_time(self._wall())
+        spec = {"holderIdentity": self._instance, "leaseDurationSeconds": self._duration, "renewTime": now}
+        if not self._created:
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self._namespace,
+                             "labels": {"app.kubernetes.io/name": "smartnat"}},
+                "spec": {**spec, "acquireTime": now},
+            }
+            try:
+                await call(self._api.create_namespaced_lease, self._namespace, body)
+                self._created = True
+                logger.info("lease %s/%s created duration=%ds", self._namespace, self.name, self._duration)
+                return
+            except KubeApiError as err:
+                if err.status != 409:  # 409: it exists from an earlier run; renew it below
+                    raise
+            self._created = True
+        try:
+            await call(self._api.patch_namespaced_lease, self.name, self._namespace, {"spec": spec},
+                       _content_type=MERGE_PATCH)
+        except KubeApiError as err:
+            if err.status == 404:  # deleted by someone: create it again next time
+                self._created = False
+            raise
+
+    async def run(self) -> None:
+        """Renew every duration/3 for ever; after a failure retry sooner, logging start and end."""
+        period = self._duration / 3
+        while True:
+            try:
+                await self.renew()
+            except KubeApiError as err:
+                if not self._failing:
+                    logger.warning("lease %s/%s not renewed: %s; retrying", self._namespace, self.name, err)
+                    self._failing = True
+                await self._sleep(min(period, 2.0))
+                continue
+            if self._failing:
+                logger.info("lease %s/%s renewed again", self._namespace, self.name)
+                self._failing = False
+            await self._sleep(period)
+
+    async def state(self, instance: str) -> LeaseState:
+        """Another appliance's Lease. Raises KubeApiError for anything but 404 (unknown is not dead)."""
+        try:
+            lease = await call(self._api.read_namespaced_lease, lease_name(instance), self._namespace)
+        except KubeApiError as err:
+            if err.status == 404:
+                return LeaseState(holder="", expires=None)
+            raise
+        spec = (lease or {}).get("spec") or {}
+        renewed = parse_time(spec.get("renewTime")) or parse_time(spec.get("acquireTime"))
+        duration = spec.get("leaseDurationSeconds")
+        if renewed is None or not isinstance(duration, int):
+            return LeaseState(holder=str(spec.get("holderIdentity") or ""), expires=None)
+        return LeaseState(holder=str(spec.get("holderIdentity") or ""), expires=renewed + duration)

@@ -1,0 +1,451 @@
+"""Write-back against the emulated API server: status, Events, finalizer, Leases, both CRDs.
+
+Each `Appliance` is what one smartnatd process has of the Kubernetes edge: a KubeSource
+(watches into its own store and cache, its Lease, write-back) with its own instance name and
+host addresses, and a real kubernetes_asyncio client. A test plays the reconciler: it plans
+from the appliance's store and calls `publish()`, as a pass does after a successful apply.
+Assertions are on the requests the emulator recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+from smartnatd.kube.client import KubeSource
+from smartnatd.kube.objects import FINALIZER
+from smartnatd.planner import Plan, plan
+from smartnatd.settings import Settings
+from smartnatd.store import Store
+from tests.builders import host
+from tests.kernel.harness import async_wait_until
+
+from .conftest import mapping_body, service_body, slice_body
+from .emulator import EVENTS, JSON_PATCH, LEASES, MAPPINGS, MERGE_PATCH, SERVICES, ENDPOINTSLICES, KubeEmulator
+
+NS = 'demo'
+HOSTS = {
+    'ap1': host(('ext1', 3, ['192.0.2.10/24'])),
+    'ap2': host(('ext2', 4, ['198.51.100.10/24'])),
+}
+
+
+class Clock:
+    """A wall clock the test moves forward (Lease expiry, the finalize deadline)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return datetime.datetime.now(datetime.UTC).timestamp() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@dataclasses.dataclass
+class Appliance:
+    name: str
+    source: KubeSource
+    settings: Settings
+    client: ApiClient
+    task: asyncio.Task[None] | None = None
+    previous: Plan | None = None
+
+    @property
+    def writeback(self) -> Any:
+        return self.source.writeback
+
+    def plan(self) -> Plan:
+        return plan(self.source.store.snapshot(), self.settings)
+
+    async def sync(self) -> Plan:
+        """One pass as the reconciler makes it once the apply succeeded."""
+        new = self.plan()
+        await self.source.writeback.publish(new, previous=self.previous)
+        self.previous = new
+        return new
+
+    async def stop(self) -> None:
+        """The process dies: no more watches, no Lease renewals."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+
+@pytest.fixture()
+async def appliances(kube_api: KubeEmulator) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Appliance] = []
+
+    async def start(name: str = 'ap1', *, clock: Callable[[], float] | None = None,
+                    max_wait_minutes: int = 60) -> Appliance:
+        settings = Settings(interfaces_pattern=r'^ext[0-9]+$', instance_name=name,
+                            max_finalize_wait_minutes=max_wait_minutes, lease_duration_sec=15)
+        client = ApiClient(Configuration(host=kube_api.url))
+        store = Store()
+        store.set_host(HOSTS.get(name, host()))
+        source = KubeSource(api_client=client, settings=settings, store=store,
+                            **({'wall_clock': clock} if clock else {}))
+        appliance = Appliance(name=name, source=source, settings=settings, client=client)
+        appliance.task = asyncio.create_task(source.run())
+        made.append(appliance)
+        await async_wait_until(lambda: store.is_synced, timeout=5, message=f'{name} synced')
+        await async_wait_until(lambda: kube_api.current(LEASES, f'smartnat-{name}', namespace='kube-node-lease'),
+                               timeout=5, message=f'{name} Lease')
+        return appliance
+
+    yield start
+    for appliance in made:
+        await appliance.stop()
+        await appliance.client.close()
+
+
+async def caught_up(kube_api: KubeEmulator, *appliances: Appliance) -> None:
+    """Every watch of these appliances has seen every change made so far."""
+    running = [a for a in appliances if a.task is not None]
+    await kube_api.wait_for_watches(count=3 * len(running))
+    kube_api.send_bookmarks()
+    target = kube_api.resource_version
+    await async_wait_until(
+        lambda: all(w.resource_version == target for a in running for w in a.source.watchers),
+        timeout=5, message='watches caught up')
+
+
+async def echo_cluster(kube_api: KubeEmulator, *, addresses: tuple[str, ...] = ('192.0.2.10',),
+                       name: str = 'echo', **kw: Any) -> None:
+    if kube_api.current(SERVICES, 'echo', namespace=NS) is None:
+        await kube_api.create_object(SERVICES, service_body())
+        await kube_api.create_object(ENDPOINTSLICES, slice_body())
+    await kube_api.create_object(MAPPINGS, mapping_body(name, addresses=addresses, **kw))
+
+
+def current(kube_api: KubeEmulator, name: str = 'echo', namespace: str = NS) -> dict[str, Any]:
+    obj = kube_api.current(MAPPINGS, name, namespace=namespace)
+    assert obj is not None, f'{namespace}/{name} is gone'
+    return obj
+
+
+def writes(kube_api: KubeEmulator, name: str | None = None) -> list[tuple[str, str | None, Any]]:
+    """(subresource or 'main', content type, body) of every Mapping patch, oldest first."""
+    return [(r.subresource or 'main', r.content_type, r.body)
+            for r in kube_api.recorded(verb='patch', resource=MAPPINGS, **({'name': name} if name else {}))]
+
+
+def events(kube_api: KubeEmulator) -> list[tuple[str, str, str]]:
+    return [(r.body['type'], r.body['reason'], r.body['message'])
+            for r in kube_api.recorded(verb='create', resource=EVENTS) if r.status == 201]
+
+
+# --- status ----------------------------------------------------------------------------
+
+async def test_status_is_written_once_not_at_every_pass(kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api)
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+
+    [(finalizer_to, finalizer_type, finalizer_body), (status_to, status_type, status_body)] = writes(kube_api)
+    assert (finalizer_to, finalizer_type) == ('main', MERGE_PATCH)
+    assert finalizer_body['metadata']['finalizers'] == [FINALIZER]
+    assert finalizer_body['metadata']['resourceVersion']  # a precondition: no lost update of the list
+    assert (status_to, status_type) == ('status', MERGE_PATCH)
+    assert status_body['metadata']['resourceVersion']  # shared fields: precondition too
+    st = current(kube_api)['status']
+    assert st['invalid'] == 'no' and st['serviceVIP'] == '10.96.0.10'
+    assert st['observedGeneration'] == current(kube_api)['metadata']['generation']
+    assert st['configuredAddresses'] == {'192.0.2.10': {'podIPs': ['10.244.1.2']}}
+    assert st['appliances']['ap1']['configured'] == ['192.0.2.10:80/tcp']
+    assert {c['type']: c['status'] for c in st['conditions']} == {'Ready': 'True', 'Invalid': 'False', 'Conflict': 'False'}
+    assert events(kube_api) == [('Normal', 'Configured', 'appliance ap1 serves 192.0.2.10:80/tcp')]
+    [event] = kube_api.recorded(verb='create', resource=EVENTS)
+    assert event.body['metadata']['name'].startswith('echo.') and event.body['involvedObject']['uid']
+
+    for _ in range(3):
+        await caught_up(kube_api, ap1)
+        await ap1.sync()
+    assert len(writes(kube_api)) == 2 and len(events(kube_api)) == 1
+
+    # Only the pods change: one patch of this appliance's key, no Event, no precondition needed.
+    await kube_api.patch_object(ENDPOINTSLICES, 'echo-1', {'endpoints': [
+        {'addresses': ['10.244.1.2'], 'conditions': {'ready': True}},
+        {'addresses': ['10.244.2.2'], 'conditions': {'ready': True}}]}, namespace=NS)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    *_, (_, _, body) = writes(kube_api)
+    assert body == {'status': {'configuredAddresses': {'192.0.2.10': {'podIPs': ['10.244.1.2', '10.244.2.2']}}}}
+    assert len(events(kube_api)) == 1
+
+
+async def test_events_on_transitions_only_and_none_after_a_restart(kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api)
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    await kube_api.delete_object(SERVICES, 'echo', namespace=NS)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    await ap1.sync()
+    assert events(kube_api)[1:] == [('Warning', 'ServiceNotFound', 'Service demo/echo not found')]
+    st = current(kube_api)['status']
+    assert 'ap1' not in st.get('appliances', {}) and st['configuredAddresses'] == {}
+    assert [c['reason'] for c in st['conditions'] if c['type'] == 'Ready'] == ['ServiceNotFound']
+
+    await ap1.stop()
+    restarted = await appliances('ap1')  # a new process: no previous plan, the status shows it all
+    await caught_up(kube_api, restarted)
+    before = len(kube_api.recorded(verb='patch'))
+    await restarted.sync()
+    assert len(kube_api.recorded(verb='patch')) == before
+    assert len(events(kube_api)) == 2
+
+    await kube_api.create_object(SERVICES, service_body())
+    await caught_up(kube_api, restarted)
+    await restarted.sync()
+    assert events(kube_api)[2:] == [('Normal', 'Configured', 'appliance ap1 serves 192.0.2.10:80/tcp')]
+
+
+async def test_conflicts_across_namespaces_the_oldest_wins_and_both_appliances_agree(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    await kube_api.create_object(SERVICES, service_body(namespace='team-a'))
+    await kube_api.create_object(ENDPOINTSLICES, slice_body(namespace='team-a'))
+    await kube_api.create_object(SERVICES, service_body(namespace='team-b'))
+    await kube_api.create_object(ENDPOINTSLICES, slice_body(namespace='team-b'))
+    await kube_api.create_object(MAPPINGS, mapping_body('web', namespace='team-a'),
+                                 creation_timestamp='2024-01-02T00:00:00Z')
+    await kube_api.create_object(MAPPINGS, mapping_body('web', namespace='team-b'),
+                                 creation_timestamp='2024-01-01T00:00:00Z')  # older: it wins
+    ap1 = await appliances('ap1')
+    ap2 = await appliances('ap2')  # does not hold 192.0.2.10, yet computes the same conditions
+    await caught_up(kube_api, ap1, ap2)
+    # Both at once, from the same view: one wins each shared write, the other gets a 409.
+    await asyncio.gather(ap1.sync(), ap2.sync())
+    for _ in range(3):
+        await caught_up(kube_api, ap1, ap2)
+        await asyncio.gather(ap1.sync(), ap2.sync())
+
+    loser = current(kube_api, 'web', 'team-a')['status']
+    winner = current(kube_api, 'web', 'team-b')['status']
+    conflict = {c['type']: (c['status'], c['reason'], c['message']) for c in loser['conditions']}
+    assert conflict['Conflict'] == ('True', 'EndpointConflict', 'port 80/TCP on 192.0.2.10 is already mapped by team-b/web')
+    assert conflict['Ready'][:2] == ('False', 'EndpointConflict')
+    assert loser['invalid'] == 'port 80/TCP on 192.0.2.10 is already mapped by team-b/web'
+    assert 'appliances' not in loser or not loser['appliances']
+    assert winner['invalid'] == 'no' and list(winner['appliances']) == ['ap1']
+    # One Event for the conflict, whichever appliance won the write.
+    assert [e for e in events(kube_api) if e[1] == 'EndpointConflict'] == [
+        ('Warning', 'EndpointConflict', 'port 80/TCP on 192.0.2.10 is already mapped by team-b/web')]
+    # Settled: nobody writes any more.
+    settled = len(kube_api.recorded(verb='patch'))
+    await caught_up(kube_api, ap1, ap2)
+    await asyncio.gather(ap1.sync(), ap2.sync())
+    assert len(kube_api.recorded(verb='patch')) == settled
+
+
+async def test_a_failed_write_is_retried_on_a_later_pass(kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api)
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    kube_api.fail_next(1, status=503, verb='patch', resource=MAPPINGS, subresource='status')
+    await ap1.sync()
+    assert 'status' not in current(kube_api)
+    assert ap1.writeback.timer.due_in is not None  # a pass is asked for, with backoff
+    await ap1.sync()
+    assert current(kube_api)['status']['appliances']['ap1']
+    assert [e[1] for e in events(kube_api)] == ['Configured']
+
+
+async def test_a_conflict_on_write_is_looked_at_again(kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api)
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    kube_api.fail_next(1, status=409, verb='patch', resource=MAPPINGS, subresource='status')
+    await ap1.sync()
+    assert 'status' not in current(kube_api) and events(kube_api) == []
+    assert ap1.writeback.timer.due_in is not None and ap1.writeback.timer.due_in <= 0.5
+    await ap1.sync()
+    assert current(kube_api)['status']['appliances']['ap1']
+    assert [e[1] for e in events(kube_api)] == ['Configured']
+
+
+# --- finalizer, deletion, Leases -------------------------------------------------------
+
+async def test_two_appliances_the_last_to_finish_removes_the_finalizer(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api, addresses=('192.0.2.10', '198.51.100.10'))
+    ap1 = await appliances('ap1')
+    ap2 = await appliances('ap2')
+    await caught_up(kube_api, ap1, ap2)
+    await ap1.sync()
+    await caught_up(kube_api, ap1, ap2)
+    await ap2.sync()
+    obj = current(kube_api)
+    assert obj['metadata']['finalizers'] == [FINALIZER]
+    assert sorted(obj['status']['appliances']) == ['ap1', 'ap2']
+    assert sorted(obj['status']['configuredAddresses']) == ['192.0.2.10', '198.51.100.10']
+
+    await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
+    await caught_up(kube_api, ap1, ap2)
+    kube_api.clear_recorded()
+    await ap1.sync()  # ap1 is done; ap2 still holds it and its Lease is fresh
+    obj = current(kube_api)
+    assert list(obj['status']['appliances']) == ['ap2']
+    assert list(obj['status']['configuredAddresses']) == ['198.51.100.10']
+    assert obj['metadata']['finalizers'] == [FINALIZER]
+    assert ap1.writeback.timer.due_in is not None  # looks again when ap2's Lease would expire
+
+    await caught_up(kube_api, ap2)
+    await ap2.sync()
+    assert kube_api.current(MAPPINGS, 'echo', namespace=NS) is None
+    [ap1_release, ap2_release, removal] = writes(kube_api)
+    assert ap1_release == ('status', MERGE_PATCH, {'status': {'appliances': {'ap1': None},
+                                                              'configuredAddresses': {'192.0.2.10': None}}})
+    assert ap2_release[0] == 'status'
+    assert removal == ('main', JSON_PATCH, [{'op': 'test', 'path': '/metadata/finalizers/0', 'value': FINALIZER},
+                                            {'op': 'remove', 'path': '/metadata/finalizers/0'}])
+    assert [r.name for r in kube_api.recorded(verb='get', resource=LEASES)] == ['smartnat-ap2']
+
+
+async def test_a_dead_appliance_s_entry_is_released_once_its_lease_expired(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    clock = Clock()
+    await echo_cluster(kube_api, addresses=('192.0.2.10', '198.51.100.10'))
+    ap1 = await appliances('ap1', clock=clock)
+    ap2 = await appliances('ap2')
+    await caught_up(kube_api, ap1, ap2)
+    await ap1.sync()
+    await caught_up(kube_api, ap1, ap2)
+    await ap2.sync()
+    await ap2.stop()  # dies: its Lease is no longer renewed
+    await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
+    await caught_up(kube_api, ap1)
+
+    await ap1.sync()  # within ap2's Lease: wait for it
+    assert list(current(kube_api)['status']['appliances']) == ['ap2']
+    due = ap1.writeback.timer.due_in
+    assert due is not None and 5 < due <= 17  # the Lease's 15 s from its last renewal, plus a margin
+
+    clock.advance(20)
+    await ap1.sync()  # the timer's pass: ap2's Lease has expired
+    assert kube_api.current(MAPPINGS, 'echo', namespace=NS) is None
+    [*_, release, removal] = writes(kube_api)
+    assert release == ('status', MERGE_PATCH, {'status': {'appliances': {'ap2': None},
+                                                          'configuredAddresses': {'198.51.100.10': None}}})
+    assert removal[1] == JSON_PATCH
+
+
+async def test_after_max_finalize_wait_the_finalizer_goes_with_a_warning(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    clock = Clock()
+    await echo_cluster(kube_api, addresses=('192.0.2.10', '198.51.100.10'))
+    ap1 = await appliances('ap1', clock=clock, max_wait_minutes=5)
+    ap2 = await appliances('ap2', clock=clock)
+    await caught_up(kube_api, ap1, ap2)
+    await ap1.sync()
+    await caught_up(kube_api, ap1, ap2)
+    await ap2.sync()
+    await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
+    await caught_up(kube_api, ap1, ap2)
+    await ap1.sync()
+    assert current(kube_api)['metadata']['finalizers'] == [FINALIZER]
+    # ap2 is alive (its Lease is renewed) but never finishes, e.g. its kernel keeps failing.
+    clock.advance(6 * 60)
+    await ap2.source.leases.renew()
+    await ap1.sync()
+    assert kube_api.current(MAPPINGS, 'echo', namespace=NS) is None
+    assert events(kube_api)[-1] == (
+        'Warning', 'FinalizerTimeout',
+        'appliances ap2 did not confirm removing the Mapping within SNCTRLR_MAX_FINALIZE_WAIT_MINUTES=5; '
+        'finalizer removed anyway')
+
+
+async def test_an_invalid_mapping_gets_no_finalizer_and_deletes_cleanly(kube_api: KubeEmulator, appliances: Any) -> None:
+    body = mapping_body('broken')
+    body['spec']['ports'][0]['port'] = 0
+    await kube_api.create_object(MAPPINGS, body)
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    obj = current(kube_api, 'broken')
+    assert 'finalizers' not in obj['metadata']
+    assert obj['status']['invalid'].startswith('spec.ports[0].port: 0 is not a port number')
+    assert [(e[0], e[1]) for e in events(kube_api)] == [('Warning', 'InvalidMapping')]
+    await kube_api.delete_object(MAPPINGS, 'broken', namespace=NS)
+    assert kube_api.current(MAPPINGS, 'broken', namespace=NS) is None
+
+
+async def test_an_invalid_mapping_finalized_by_smartnat_is_released_on_deletion(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    body = mapping_body('broken', finalizers=[FINALIZER])  # SmartNat added it, and served nothing
+    body['spec']['addresses'] = ['not-an-ip']
+    await kube_api.create_object(MAPPINGS, body)
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    await kube_api.delete_object(MAPPINGS, 'broken', namespace=NS)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    assert kube_api.current(MAPPINGS, 'broken', namespace=NS) is None
+
+
+async def test_the_finalizer_is_never_added_while_the_mapping_is_deleted(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api, finalizers=['example.com/keep'])
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    stale = ap1.plan()  # planned before the deletion: the Mapping is still Configured here
+    await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
+    await caught_up(kube_api, ap1)
+    await ap1.writeback.publish(stale, previous=None)
+    assert writes(kube_api) == []
+    assert current(kube_api)['metadata']['finalizers'] == ['example.com/keep']
+
+
+async def test_the_lease_is_created_then_renewed_by_merge_patch(kube_api: KubeEmulator, appliances: Any) -> None:
+    ap1 = await appliances('ap1')
+    lease = kube_api.current(LEASES, 'smartnat-ap1', namespace='kube-node-lease')
+    assert lease['spec']['holderIdentity'] == 'ap1' and lease['spec']['leaseDurationSeconds'] == 15
+    await ap1.source.leases.renew()
+    [created] = kube_api.recorded(verb='create', resource=LEASES)
+    [renewed] = kube_api.recorded(verb='patch', resource=LEASES)
+    assert created.namespace == 'kube-node-lease'
+    assert renewed.content_type == MERGE_PATCH and set(renewed.body['spec']) == {
+        'holderIdentity', 'leaseDurationSeconds', 'renewTime'}
+
+
+# --- SmartNat's old CRD ----------------------------------------------------------------
+
+@pytest.mark.kube_api(mapping_status_subresource=False)
+async def test_without_a_status_subresource_status_goes_with_the_object_and_that_is_remembered(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api)
+    await echo_cluster(kube_api, name='other', addresses=('192.0.2.10',), port=81)
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    assert ap1.writeback.status_subresource is False
+    st = current(kube_api)['status']
+    assert st['appliances']['ap1']['configured'] == ['192.0.2.10:80/tcp']
+    assert 'observedGeneration' not in st  # every status write bumps the generation here
+    status_tries = kube_api.recorded(verb='patch', subresource='status')
+    assert len(status_tries) == 1 and status_tries[0].status == 404  # found out once
+    assert current(kube_api, 'other')['status']['appliances']['ap1']['configured'] == ['192.0.2.10:81/tcp']
+
+    patches = len(kube_api.recorded(verb='patch'))
+    for _ in range(2):
+        await caught_up(kube_api, ap1)
+        await ap1.sync()
+    assert len(kube_api.recorded(verb='patch')) == patches
+
+    await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    assert kube_api.current(MAPPINGS, 'echo', namespace=NS) is None
