@@ -535,10 +535,9 @@ NEW_MAPPINGS = [
             ],
             "appliances": {
                 "nat-a": {
-                    "address": "192.0.2.1",
                     "lastSync": "2024-01-01T00:00:00Z",
-                    "message": "",
-                    "configured": True,
+                    "message": "serving 192.0.2.1:80/tcp",
+                    "configured": ["192.0.2.1:80/tcp"],
                     "futureField": "kept",
                 }
             },
@@ -640,7 +639,7 @@ def test_crd_defaults_and_rules_are_in_the_schema(schema: dict[str, Any]) -> Non
     assert any("isCIDR(self)" in r for r in rules[".spec.allowedSources[]"])
     status = schema["properties"]["status"]["properties"]
     assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
-    assert set(status["appliances"]["additionalProperties"]["properties"]) == {"address", "lastSync", "message", "configured"}
+    assert set(status["appliances"]["additionalProperties"]["properties"]) == {"lastSync", "message", "configured"}
     assert status["configuredAddresses"]["additionalProperties"]["properties"]["podIPs"]["type"] == "array"
 
 
@@ -928,3 +927,31 @@ def test_vagrantfile_uses_current_boxes_and_existing_scripts() -> None:
     assert 'config.vm.define "k8s"' in text and 'config.vm.define "smartnat"' in text
     assert len(re.findall(r'"private_network", ip: ip\b', text)) == 1  # one per external address
     assert re.search(r"EXTERNAL_IPS = \[\"[0-9.]+\", \"[0-9.]+\"\]", text)
+
+
+def test_crd_accepts_the_status_the_daemon_writes(schema: dict[str, Any]) -> None:
+    """The write-back's own output (kube/status.compute) must pass the CRD's schema, or a real
+    API server answers 422 to every status patch."""
+    from ipaddress import IPv4Address
+
+    from smartnatd.desired import ExternalEndpoint
+    from smartnatd.kube.status import compute
+    from smartnatd.model import ObjectKey, Protocol
+    from smartnatd.planner import Verdict, VerdictKind
+
+    verdict = Verdict(
+        key=ObjectKey("default", "m"),
+        kind=VerdictKind.CONFIGURED,
+        reason="serving 192.0.2.1:80/tcp",
+        event_reason="Configured",
+        served=(ExternalEndpoint(IPv4Address("192.0.2.1"), Protocol.TCP, 80),),
+        addresses=(IPv4Address("192.0.2.1"),),
+        service_vip=IPv4Address("10.96.0.10"),
+        pod_ips=(IPv4Address("10.244.1.2"),),
+    )
+    change = compute(verdict=verdict, current={}, instance="nat-a", now="2026-01-01T00:00:00Z", generation=1)
+    assert change.patch is not None
+    obj = mapping({"addresses": ["192.0.2.1"], "serviceName": "s", "ports": [{"port": 80}]}, status=change.patch)
+    stored, errors = admit(schema, obj)
+    assert errors == []
+    assert stored["status"]["appliances"]["nat-a"]["configured"] == ["192.0.2.1:80/tcp"]
