@@ -17,6 +17,15 @@ KERNEL_FOLDERS = ("kernel", "e2e")
 KERNEL_TOOLS = ("ip", "nft", "sysctl")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        default=False,
+        help="rewrite tests/golden/* from the current output instead of comparing (review the diff!)",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         try:

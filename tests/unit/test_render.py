@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ def desired_of(*ms, settings=SETTINGS, slices=None):
 
 def golden(name: str, text: str, request: pytest.FixtureRequest) -> None:
     path = GOLDEN / name
-    if request.config.getoption("--update-golden", default=False) or os.environ.get("UPDATE_GOLDEN") == "1":
+    if request.config.getoption("--update-golden"):
         path.write_text(text)
     assert path.exists(), f"{path} missing: run pytest --update-golden"
     assert text == path.read_text(), f"{name} differs from the golden file; if intended, run pytest --update-golden"
