@@ -32,6 +32,13 @@ SOURCE_POLL = 0.25
 
 def run_daemon(*, settings: Settings, source: Path | None, netns: str | None) -> int:
     logs.setup(debug=settings.debug_enabled)
+    if netns is not None:
+        # pyroute2 opens sockets in another namespace from a forked child and ends it with
+        # SIGTERM; the child inherited asyncio's signal wakeup fd, so without this the parent
+        # took the child's SIGTERM for its own and stopped right after starting.
+        import pyroute2.config
+
+        pyroute2.config.disable_mp_signal = True
     try:
         return asyncio.run(_main(settings=settings, source=source, netns=netns))
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
@@ -46,7 +47,7 @@ async def load_configuration(*, environ: Mapping[str, str] = os.environ) -> tupl
     for path in candidates[:1]:
         try:
             await load_kube_config(config_file=path, client_configuration=config, persist_config=False)
-        except (ConfigException, OSError, ValueError, TypeError, KeyError) as err:
+        except (ConfigException, yaml.YAMLError, OSError, ValueError, TypeError, KeyError, AttributeError) as err:
             raise SettingsError([f"kubeconfig {path}: {err}; fix the file or KUBECONFIG"]) from err
         return config, f"kubeconfig {path}"
     if environ.get("KUBERNETES_SERVICE_HOST"):
