@@ -17,7 +17,7 @@ from smartnatd.conntrack import ConntrackEdge, stale_flow_filters
 from smartnatd.desired import MARK_MASK, DesiredState
 from smartnatd.errors import DataplaneError
 from smartnatd.nft import names
-from smartnatd.nft.render import Ruleset, cleanup_text, diff, render
+from smartnatd.nft.render import Renderer, Ruleset, cleanup_text
 from smartnatd.nft.runner import NftRunner, make_runner
 from smartnatd.routing import RoutingEdge, RoutingReport
 
@@ -51,6 +51,7 @@ class Dataplane:
         self._runner: NftRunner = make_runner(netns=netns, backend=nft_backend, state_dir=state_dir)
         self._routing = RoutingEdge(netns=netns, table_base=table_base, rule_priority=rule_priority)
         self._conntrack = ConntrackEdge(netns=netns)
+        self._renderer = Renderer()  # re-renders only changed entries; diffs from what it moved
         self._applied: Ruleset | None = None  # what the kernel holds, as far as we know
         self._desired: DesiredState | None = None
         self._swept = False
@@ -81,9 +82,9 @@ class Dataplane:
 
     async def apply(self, desired: DesiredState, *, full: bool = False) -> ApplyReport:
         started = time.monotonic()
-        ruleset = render(desired)
+        ruleset = self._renderer.render(desired)
         loop = asyncio.get_running_loop()
-        step = None if full or self._applied is None else diff(self._applied, ruleset)
+        step = None if full or self._applied is None else self._renderer.diff(self._applied, ruleset)
         if step is None:
             text, after, ops, is_full = ruleset.text(), ruleset, max(1, len(ruleset.sets)), True
         else:
@@ -110,7 +111,14 @@ class Dataplane:
 
     async def _cleanup_flows(self, desired: DesiredState) -> int:
         # Only after the new rules are in: a flow deleted earlier could be re-created by the old ones.
-        filters = stale_flow_filters(old=self._desired, new=desired)
+        changed = self._renderer.dnat_changes(since=self._desired)
+        if changed is None:
+            filters = stale_flow_filters(old=self._desired, new=desired)
+        else:
+            # Only Dnats that changed can need a filter: comparing these gives the same filters
+            # as comparing every Dnat, without a pass over all of them.
+            gone, came = changed
+            filters = stale_flow_filters(old=DesiredState(dnats=gone), new=DesiredState(dnats=came))
         try:
             deleted = await self._conntrack.delete(filters) if filters else 0
             if not self._swept:

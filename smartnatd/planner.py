@@ -2,14 +2,23 @@
 
 Pure: no I/O, no clock, no logging. Every decision comes back as a verdict with a reason, and
 both appliances of a pair compute the same claims and conflicts from the same cluster view.
+
+IncrementalPlanner returns exactly plan(snapshot, settings) too, but from the keys that changed
+since its previous snapshot: it keeps each Mapping's outcome, keyed by what that outcome reads
+(the Mapping, its Service, that Service's EndpointSlices, the box's addresses and settings), and
+re-decides only the Mappings a change can reach, so a pass costs what changed, not the cluster.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
-from collections.abc import Iterable
+import heapq
+from collections.abc import Callable, Iterable
+from collections.abc import Mapping as ReadOnlyDict
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
+from typing import Any, Generic, Protocol, TypeVar
 
 from smartnatd.desired import (
     MAX_MARKED_IFINDEX,
@@ -87,9 +96,22 @@ class Plan:
         return None
 
 
-def _order(mapping: Mapping) -> tuple[str, str, str]:
+Order = tuple[str, str, str]  # a Mapping's place in the conflict order; unique per key
+
+
+def _order(mapping: Mapping) -> Order:
     # Oldest first; a missing timestamp sorts last so a half-written object never wins.
     return (mapping.creation_timestamp or "\uffff", mapping.key.namespace, mapping.key.name)
+
+
+# Sort keys giving the same order as the dataclasses' own comparisons, at C speed: sorting
+# 10k frozen dataclasses by their generated __lt__ costs tens of milliseconds.
+def _key_order(key: ObjectKey) -> tuple[str, str]:
+    return (key.namespace, key.name)
+
+
+def _endpoint_order(e: ExternalEndpoint) -> tuple[int, str, int]:
+    return (int(e.address), e.protocol, e.port)
 
 
 def gateway_of(address: IPv4Interface, offset: int) -> IPv4Address:
@@ -141,19 +163,11 @@ def _return_paths(host: Host, settings: Settings) -> tuple[tuple[ReturnPath, ...
     return tuple(paths), tuple(problems)
 
 
-def _find_service(services: dict[ObjectKey, Service], mapping: Mapping, spec: MappingSpec) -> Service | None:
-    return services.get(ObjectKey(mapping.key.namespace, spec.service_name))
-
-
 def _service_port(service: Service, port: int, protocol: str) -> ServicePort | None:
     for sp in service.ports:
         if sp.port == port and sp.protocol == protocol:
             return sp
     return None
-
-
-def _slices_of(slices: Iterable[EndpointSlice], namespace: str, service_name: str) -> list[EndpointSlice]:
-    return [s for s in slices if s.key.namespace == namespace and s.service_name == service_name]
 
 
 def _ready_ips(slices: Iterable[EndpointSlice]) -> tuple[IPv4Address, ...]:
@@ -183,150 +197,162 @@ def _claims(spec: MappingSpec) -> list[ExternalEndpoint]:
     return [ExternalEndpoint(a, p.protocol, p.port) for a in spec.addresses for p in spec.ports]
 
 
-def plan(snapshot: Snapshot, settings: Settings) -> Plan:
-    services = {s.key: s for s in snapshot.services}
-    paths, host_problems = _return_paths(snapshot.host, settings)
+def _service_key(m: Mapping, spec: MappingSpec) -> ObjectKey:
+    return ObjectKey(m.key.namespace, spec.service_name)
+
+
+def _slice_owner(s: EndpointSlice) -> ObjectKey:
+    """The Service an EndpointSlice belongs to (label kubernetes.io/service-name)."""
+    return ObjectKey(s.key.namespace, s.service_name)
+
+
+@dataclass(frozen=True)
+class _HostView:
+    """What the plan needs from the box, derived from Host and settings alone."""
+
+    paths: tuple[ReturnPath, ...]
+    problems: tuple[str, ...]
+    local: dict[IPv4Address, HostInterface]  # served addresses -> their interface
+    path_of: dict[str, ReturnPath]
+    managed: tuple[IPv4Address, ...]
+    interfaces: tuple[str, ...]
+
+    def place(self, address: IPv4Address) -> tuple[str, ReturnPath] | None:
+        """Everything a Mapping's outcome reads about one of its addresses."""
+        iface = self.local.get(address)
+        return None if iface is None else (iface.name, self.path_of[iface.name])
+
+
+def _host_view(host: Host, settings: Settings) -> _HostView:
+    paths, problems = _return_paths(host, settings)
     usable = {p.interface for p in paths}
     local: dict[IPv4Address, HostInterface] = {}
-    for iface in snapshot.host.interfaces:
+    for iface in host.interfaces:
         if iface.name in usable:
             for a in iface.addresses:
                 local.setdefault(a.ip, iface)
-
-    verdicts: dict[MappingKey, Verdict] = {}
-    claimed: dict[ExternalEndpoint, MappingKey] = {}
-    dnats: list[Dnat] = []
-    egress: dict[IPv4Address, EgressSnat] = {}
-    path_of = {p.interface: p for p in paths}
-
-    # Duplicate keys cannot come from the API; keep the first so the plan stays total.
-    mappings: dict[MappingKey, Mapping] = {}
-    for m in snapshot.mappings:
-        mappings.setdefault(m.key, m)
-
-    for m in sorted(mappings.values(), key=_order):
-        verdicts[m.key] = _decide(m, services, snapshot, settings, claimed, local)
-        v = verdicts[m.key]
-        if v.kind != VerdictKind.CONFIGURED:
-            continue
-        spec = m.spec
-        assert isinstance(spec, MappingSpec)
-        for ext, targets in _targets(m, spec, services, snapshot, local):
-            iface = local[ext.address]
-            dnats.append(
-                Dnat(
-                    external=ext,
-                    targets=targets,
-                    allowed_sources=spec.allowed_sources,
-                    owner=m.key,
-                    interface=iface.name,
-                )
-            )
-        if settings.setup_snat:
-            # Egress leaves with the Mapping's first served address; the oldest Mapping wins a pod.
-            first = v.addresses[0]
-            path = path_of[local[first].name]
-            for ip in v.pod_ips:
-                egress.setdefault(ip, EgressSnat(ip, first, path.interface, path.mark, m.key))
-
-    managed = sorted(local)
-    desired = DesiredState(
-        dnats=tuple(sorted(dnats, key=lambda d: d.external)),
-        return_paths=paths,
-        egress=tuple(sorted(egress.values())),
-        managed_addresses=tuple(managed),
-        external_interfaces=tuple(sorted(usable)),
-        masquerade=settings.setup_masquerade,
-        drop_unmapped=settings.drop_unmapped,
-        rule_priority=settings.rule_priority,
+    return _HostView(
+        paths=paths,
+        problems=problems,
+        local=local,
+        path_of={p.interface: p for p in paths},
+        managed=tuple(sorted(local)),
+        interfaces=tuple(sorted(usable)),
     )
-    return Plan(
-        desired=desired,
-        verdicts=tuple(verdicts[k] for k in sorted(verdicts)),
-        host_problems=host_problems,
-    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """One Mapping's verdict and what it adds to the desired state."""
+
+    verdict: Verdict
+    dnats: tuple[Dnat, ...] = ()
+    egress: tuple[EgressSnat, ...] = ()  # candidates: the oldest Configured Mapping wins a pod
 
 
 def _verdict(m: Mapping, kind: VerdictKind, reason: str, event_reason: str = "", **kw: object) -> Verdict:
     return Verdict(key=m.key, kind=kind, reason=reason, event_reason=event_reason or EVENT_REASONS[kind], **kw)  # type: ignore[arg-type]
 
 
-def _decide(
-    m: Mapping,
-    services: dict[ObjectKey, Service],
-    snapshot: Snapshot,
-    settings: Settings,
-    claimed: dict[ExternalEndpoint, MappingKey],
-    local: dict[IPv4Address, HostInterface],
-) -> Verdict:
+def _eligible(m: Mapping, settings: Settings) -> MappingSpec | None:
+    """The spec of a Mapping that takes part in claims; None when it claims nothing."""
+    spec = m.spec
+    if m.deleting or isinstance(spec, Invalid) or len(spec.ports) > settings.max_ports_per_mapping:
+        return None
+    return spec
+
+
+def _unclaimed(m: Mapping, settings: Settings) -> Verdict:
+    """The verdict of a Mapping that is not eligible for claims."""
     if m.deleting:
         return _verdict(m, VerdictKind.DELETING, "the Mapping is being deleted")
     spec = m.spec
     if isinstance(spec, Invalid):
         return _verdict(m, VerdictKind.INVALID, spec.reason)
-    if len(spec.ports) > settings.max_ports_per_mapping:
-        return _verdict(
-            m,
-            VerdictKind.INVALID,
-            f"spec.ports: {len(spec.ports)} ports exceed SNCTRLR_MAX_PORTS_PER_MAPPING={settings.max_ports_per_mapping}",
-        )
-    # Claims are cluster-wide so every appliance agrees on who owns an endpoint.
-    for ext in _claims(spec):
-        owner = claimed.get(ext)
-        if owner is not None:
-            return _verdict(
-                m,
-                VerdictKind.CONFLICT,
-                f"port {ext.port}/{ext.protocol.upper()} on {ext.address} is already mapped by {owner}",
-                winner=owner,
-            )
-    for ext in _claims(spec):
-        claimed[ext] = m.key
+    return _verdict(
+        m,
+        VerdictKind.INVALID,
+        f"spec.ports: {len(spec.ports)} ports exceed SNCTRLR_MAX_PORTS_PER_MAPPING={settings.max_ports_per_mapping}",
+    )
 
-    service = _find_service(services, m, spec)
+
+def _conflict(m: Mapping, ext: ExternalEndpoint, owner: MappingKey) -> Verdict:
+    return _verdict(
+        m,
+        VerdictKind.CONFLICT,
+        f"port {ext.port}/{ext.protocol.upper()} on {ext.address} is already mapped by {owner}",
+        winner=owner,
+    )
+
+
+def _serve(
+    m: Mapping,
+    spec: MappingSpec,
+    service: Service | None,
+    slices: Iterable[EndpointSlice],
+    view: _HostView,
+    settings: Settings,
+) -> _Outcome:
+    """The outcome of a Mapping that holds all its claims. Reads only its arguments: the
+    Mapping, its Service, that Service's slices, the box and settings."""
     if service is None:
-        return _verdict(
-            m, VerdictKind.WAITING, f"Service {m.key.namespace}/{spec.service_name} not found", "ServiceNotFound"
+        return _Outcome(
+            _verdict(m, VerdictKind.WAITING, f"Service {m.key.namespace}/{spec.service_name} not found", "ServiceNotFound")
         )
-    slices = _slices_of(snapshot.endpoint_slices, m.key.namespace, spec.service_name)
+    slices = tuple(slices)
     pod_ips = _ready_ips(slices)
+    targets_per_port: list[tuple[Target, ...]] = []
     for p in spec.ports:
         sp = _service_port(service, p.service_port, p.protocol)
         if sp is None:
-            return _verdict(
-                m,
-                VerdictKind.WAITING,
-                f"Service {service.key} has no port {p.service_port}/{p.protocol.upper()} (spec.ports servicePort)",
-                "ServicePortNotFound",
+            return _Outcome(
+                _verdict(
+                    m,
+                    VerdictKind.WAITING,
+                    f"Service {service.key} has no port {p.service_port}/{p.protocol.upper()} (spec.ports servicePort)",
+                    "ServicePortNotFound",
+                )
             )
-        if spec.mode == Mode.SERVICE and service.cluster_ip is None:
-            return _verdict(
-                m,
-                VerdictKind.WAITING,
-                f"Service {service.key} has no ClusterIP (headless); use mode: direct",
-                "ServiceHasNoClusterIP",
+        if spec.mode == Mode.SERVICE:
+            if service.cluster_ip is None:
+                return _Outcome(
+                    _verdict(
+                        m,
+                        VerdictKind.WAITING,
+                        f"Service {service.key} has no ClusterIP (headless); use mode: direct",
+                        "ServiceHasNoClusterIP",
+                    )
+                )
+            targets_per_port.append((Target(service.cluster_ip, p.service_port),))
+            continue
+        targets = _endpoint_targets(slices, sp)
+        if not targets:
+            return _Outcome(
+                _verdict(
+                    m,
+                    VerdictKind.WAITING,
+                    f"Service {service.key} has no ready endpoints for port {sp.port}/{sp.protocol.upper()}",
+                    "NoReadyEndpoints",
+                    service_vip=service.cluster_ip,
+                )
             )
-        if spec.mode == Mode.DIRECT and not _endpoint_targets(slices, sp):
-            return _verdict(
-                m,
-                VerdictKind.WAITING,
-                f"Service {service.key} has no ready endpoints for port {sp.port}/{sp.protocol.upper()}",
-                "NoReadyEndpoints",
-                service_vip=service.cluster_ip,
-            )
+        targets_per_port.append(targets)
 
+    local = view.local
     here = tuple(a for a in spec.addresses if a in local)
     if not here:
         listed = ", ".join(str(a) for a in spec.addresses)
-        return _verdict(
-            m,
-            VerdictKind.NOT_LOCAL,
-            f"none of the addresses {listed} is on an external interface of this appliance",
-            service_vip=service.cluster_ip,
-            pod_ips=pod_ips,
+        return _Outcome(
+            _verdict(
+                m,
+                VerdictKind.NOT_LOCAL,
+                f"none of the addresses {listed} is on an external interface of this appliance",
+                service_vip=service.cluster_ip,
+                pod_ips=pod_ips,
+            )
         )
-    served = tuple(sorted(ExternalEndpoint(a, p.protocol, p.port) for a in here for p in spec.ports))
-    return _verdict(
+    served = tuple(sorted((ExternalEndpoint(a, p.protocol, p.port) for a in here for p in spec.ports), key=_endpoint_order))
+    verdict = _verdict(
         m,
         VerdictKind.CONFIGURED,
         "serving " + ", ".join(str(e) for e in served),
@@ -335,26 +361,487 @@ def _decide(
         service_vip=service.cluster_ip,
         pod_ips=pod_ips,
     )
+    dnats = tuple(
+        Dnat(
+            external=ExternalEndpoint(a, p.protocol, p.port),
+            targets=targets,
+            allowed_sources=spec.allowed_sources,
+            owner=m.key,
+            interface=local[a].name,
+        )
+        for p, targets in zip(spec.ports, targets_per_port)
+        for a in here
+    )
+    egress: tuple[EgressSnat, ...] = ()
+    if settings.setup_snat:
+        # Egress leaves with the Mapping's first served address.
+        first = here[0]
+        path = view.path_of[local[first].name]
+        egress = tuple(EgressSnat(ip, first, path.interface, path.mark, m.key) for ip in pod_ips)
+    return _Outcome(verdict, dnats, egress)
 
 
-def _targets(
-    m: Mapping,
-    spec: MappingSpec,
-    services: dict[ObjectKey, Service],
-    snapshot: Snapshot,
-    local: dict[IPv4Address, HostInterface],
-) -> list[tuple[ExternalEndpoint, tuple[Target, ...]]]:
-    service = _find_service(services, m, spec)
-    assert service is not None
-    slices = _slices_of(snapshot.endpoint_slices, m.key.namespace, spec.service_name)
-    out: list[tuple[ExternalEndpoint, tuple[Target, ...]]] = []
-    for p in spec.ports:
-        sp = _service_port(service, p.service_port, p.protocol)
-        assert sp is not None
-        if spec.mode == Mode.SERVICE:
-            assert service.cluster_ip is not None
-            targets: tuple[Target, ...] = (Target(service.cluster_ip, p.service_port),)
+def _desired(
+    view: _HostView, settings: Settings, dnats: tuple[Dnat, ...], egress: tuple[EgressSnat, ...]
+) -> DesiredState:
+    return DesiredState(
+        dnats=dnats,
+        return_paths=view.paths,
+        egress=egress,
+        managed_addresses=view.managed,
+        external_interfaces=view.interfaces,
+        masquerade=settings.setup_masquerade,
+        drop_unmapped=settings.drop_unmapped,
+        rule_priority=settings.rule_priority,
+    )
+
+
+def plan(snapshot: Snapshot, settings: Settings) -> Plan:
+    view = _host_view(snapshot.host, settings)
+    services = {s.key: s for s in snapshot.services}
+    slices: dict[ObjectKey, list[EndpointSlice]] = {}
+    for s in snapshot.endpoint_slices:
+        slices.setdefault(_slice_owner(s), []).append(s)
+
+    # Duplicate keys cannot come from the API; keep the first so the plan stays total.
+    mappings: dict[MappingKey, Mapping] = {}
+    for m in snapshot.mappings:
+        mappings.setdefault(m.key, m)
+
+    verdicts: dict[MappingKey, Verdict] = {}
+    claimed: dict[ExternalEndpoint, MappingKey] = {}
+    dnats: list[Dnat] = []
+    egress: dict[IPv4Address, EgressSnat] = {}
+    for m in sorted(mappings.values(), key=_order):
+        spec = _eligible(m, settings)
+        if spec is None:
+            verdicts[m.key] = _unclaimed(m, settings)
+            continue
+        # Claims are cluster-wide so every appliance agrees on who owns an endpoint.
+        claims = _claims(spec)
+        taken = next(((ext, claimed[ext]) for ext in claims if ext in claimed), None)
+        if taken is not None:
+            verdicts[m.key] = _conflict(m, *taken)
+            continue
+        for ext in claims:
+            claimed[ext] = m.key
+        service_key = _service_key(m, spec)
+        outcome = _serve(m, spec, services.get(service_key), slices.get(service_key, ()), view, settings)
+        verdicts[m.key] = outcome.verdict
+        dnats.extend(outcome.dnats)
+        for e in outcome.egress:
+            egress.setdefault(e.source, e)  # in age order: the oldest Mapping wins a pod
+
+    return Plan(
+        desired=_desired(
+            view,
+            settings,
+            # Sources are unique, so ordering egress by source is its dataclass order.
+            tuple(sorted(dnats, key=lambda d: _endpoint_order(d.external))),
+            tuple(sorted(egress.values(), key=lambda e: int(e.source))),
+        ),
+        verdicts=tuple(verdicts[k] for k in sorted(verdicts, key=_key_order)),
+        host_problems=view.problems,
+    )
+
+
+# --- the incremental planner ---------------------------------------------------------------
+
+
+class SnapshotChanges(Protocol):
+    """How a snapshot differs from an earlier one: per kind, each changed key with its object
+    now (None: deleted). Store.snapshot_with_changes() gives these."""
+
+    @property
+    def base(self) -> int:
+        """The serial of the snapshot these changes start from."""
+
+    @property
+    def serial(self) -> int:
+        """The serial of the snapshot they lead to."""
+
+    @property
+    def mappings(self) -> ReadOnlyDict[ObjectKey, Mapping | None]: ...
+
+    @property
+    def services(self) -> ReadOnlyDict[ObjectKey, Service | None]: ...
+
+    @property
+    def endpoint_slices(self) -> ReadOnlyDict[ObjectKey, EndpointSlice | None]: ...
+
+    @property
+    def host(self) -> bool:
+        """Whether snapshot.host differs."""
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+EndpointKey = tuple[int, str, int]  # an ExternalEndpoint as a cheap dict key in its own order
+
+# Above this many insertions and removals in one pass, re-sorting a key list beats bisecting.
+_RESORT = 256
+
+
+_GONE: Any = object()  # marks a key removed since the last output
+
+
+class _SortedIndex(Generic[K, V]):
+    """key -> value, and the values as a tuple in key order, rebuilt only after a change. Keys
+    are their own sort order (tuples, ints), so sorting and bisecting run in C; the values in
+    order sit in a list beside the keys, so the tuple is a copy, not 50k lookups."""
+
+    def __init__(self) -> None:
+        self.values: dict[K, V] = {}
+        self._keys: list[K] = []
+        self._items: list[V] = []
+        self._pending: dict[K, V] = {}  # changes not yet in _keys/_items; _GONE: removed
+        self._flat: tuple[Any, ...] = ()
+
+    def put(self, key: K, value: V) -> None:
+        self.values[key] = value
+        self._pending[key] = value
+
+    def pop(self, key: K) -> None:
+        if self.values.pop(key, _GONE) is not _GONE:
+            self._pending[key] = _GONE
+
+    def output(self) -> tuple[Any, ...]:
+        pending = self._pending
+        if not pending:
+            return self._flat
+        keys, items = self._keys, self._items
+        if len(pending) > _RESORT:
+            keys[:] = sorted(self.values)  # type: ignore[type-var]
+            items[:] = map(self.values.__getitem__, keys)
         else:
-            targets = _endpoint_targets(slices, sp)
-        out.extend((ExternalEndpoint(a, p.protocol, p.port), targets) for a in spec.addresses if a in local)
-    return out
+            for key, value in pending.items():
+                i = bisect.bisect_left(keys, key)  # type: ignore[type-var]
+                present = i < len(keys) and keys[i] == key
+                if value is _GONE:
+                    if present:
+                        del keys[i], items[i]
+                elif present:
+                    items[i] = value
+                else:
+                    keys.insert(i, key)
+                    items.insert(i, value)
+        pending.clear()
+        self._flat = tuple(items)
+        return self._flat
+
+
+class IncrementalPlanner:
+    """plan() with memory. `plan(snapshot, changes)` returns exactly `plan(snapshot, settings)`
+    while re-deciding only the Mappings that `changes` can reach:
+
+    - a Mapping's outcome reads its own spec, its Service, that Service's EndpointSlices, the
+      box (only where its addresses are and their return paths) and settings; a change to any
+      of those re-decides it, found through indexes by Service and by address;
+    - conflicts are re-resolved only among the claimants of endpoints whose claims changed,
+      oldest first, spreading to younger claimants only while someone's win or loss flips.
+
+    Without changes, after an error, or when `changes` does not start where the last call
+    ended, it rebuilds from the whole snapshot. It holds no clients and reads no clock: its
+    state is a cache of the last snapshot, and equal inputs give equal plans.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._serial: int | None = None  # the snapshot the state reflects; None: rebuild
+        self._reset(Host())
+
+    def _reset(self, host: Host) -> None:
+        self._view = _host_view(host, self._settings)
+        self._mappings: dict[MappingKey, Mapping] = {}
+        self._services: dict[ObjectKey, Service] = {}
+        self._slices: dict[ObjectKey, EndpointSlice] = {}
+        self._slices_of: dict[ObjectKey, dict[ObjectKey, EndpointSlice]] = {}  # by Service
+        self._by_service: dict[ObjectKey, set[MappingKey]] = {}
+        self._by_address: dict[int, set[MappingKey]] = {}
+        # Claims: each eligible Mapping's endpoints and, per endpoint, its claimants by age.
+        self._order: dict[MappingKey, Order] = {}
+        self._claims: dict[MappingKey, tuple[tuple[EndpointKey, ExternalEndpoint], ...]] = {}
+        self._claimants: dict[EndpointKey, list[Order]] = {}
+        self._taken: dict[MappingKey, tuple[ExternalEndpoint, MappingKey] | None] = {}  # None: it wins
+        # Outcomes and the plan assembled from them.
+        self._outcomes: dict[MappingKey, tuple[Order, _Outcome]] = {}
+        self._verdicts: _SortedIndex[tuple[str, str], Verdict] = _SortedIndex()
+        self._dnats: _SortedIndex[tuple[int, str, int, int], Dnat] = _SortedIndex()
+        self._egress_claims: dict[int, dict[Order, EgressSnat]] = {}
+        self._egress: _SortedIndex[int, EgressSnat] = _SortedIndex()
+        self._last: Plan | None = None
+
+    def plan(self, snapshot: Snapshot, changes: SnapshotChanges | None = None) -> Plan:
+        continues = changes is not None and self._serial is not None and changes.base == self._serial
+        self._serial = None  # until this call succeeds: after an exception, rebuild
+        if continues:
+            assert changes is not None
+            result = self._update(snapshot, changes)
+        else:
+            result = self._rebuild(snapshot)
+        if result is None:
+            return plan(snapshot, self._settings)
+        self._serial = changes.serial if changes is not None else None
+        return result
+
+    def _rebuild(self, snapshot: Snapshot) -> Plan | None:
+        """The state of `snapshot` from scratch, in one pass in age order as plan() goes.
+        None (use plan()) for snapshots with duplicate keys, which the store never makes and
+        which this state, keyed by object, cannot hold."""
+        self._reset(snapshot.host)
+        kinds = (snapshot.mappings, snapshot.services, snapshot.endpoint_slices)
+        mappings, services, slices = indexed = [{o.key: o for o in objects} for objects in kinds]
+        if any(len(index) != len(objects) for index, objects in zip(indexed, kinds)):
+            return None
+        self._services = services  # type: ignore[assignment]
+        self._slices = slices  # type: ignore[assignment]
+        for key, sl in self._slices.items():
+            self._slices_of.setdefault(_slice_owner(sl), {})[key] = sl
+        claimed: dict[EndpointKey, MappingKey] = {}
+        egress: set[int] = set()
+        for m in sorted(mappings.values(), key=_order):  # type: ignore[arg-type]
+            key = m.key
+            self._mappings[key] = m  # type: ignore[index]
+            self._learn(m, append=True)  # type: ignore[arg-type]
+            claims = self._claims.get(key)  # type: ignore[arg-type]
+            if claims is not None:
+                taken = next(((ext, claimed[ek]) for ek, ext in claims if ek in claimed), None)
+                self._taken[key] = taken  # type: ignore[index]
+                if taken is None:
+                    for ek, _ in claims:
+                        claimed[ek] = key  # type: ignore[assignment]
+            self._add(key, _order(m), self._outcome(m), egress)  # type: ignore[arg-type]
+        self._elect(egress)
+        return self._assemble()
+
+    def _update(self, snapshot: Snapshot, changes: SnapshotChanges) -> Plan:
+        settings = self._settings
+        redo: set[MappingKey] = set()  # Mappings whose outcome must be computed again
+
+        if changes.host:
+            before, self._view = self._view, _host_view(snapshot.host, settings)
+            for a in before.local.keys() | self._view.local.keys():
+                if before.place(a) != self._view.place(a):
+                    redo |= self._by_address.get(int(a), set())
+        for key, service in changes.services.items():
+            if service is None:
+                self._services.pop(key, None)
+            else:
+                self._services[key] = service
+            redo |= self._by_service.get(key, set())
+        for key, sl in changes.endpoint_slices.items():
+            old = self._slices.pop(key, None)
+            if old is not None:
+                owner = _slice_owner(old)
+                del self._slices_of[owner][key]
+                redo |= self._by_service.get(owner, set())
+            if sl is not None:
+                self._slices[key] = sl
+                owner = _slice_owner(sl)
+                self._slices_of.setdefault(owner, {})[key] = sl
+                redo |= self._by_service.get(owner, set())
+
+        contested: set[EndpointKey] = set()
+        for key, m in changes.mappings.items():
+            old_m = self._mappings.pop(key, None)
+            if old_m is not None:
+                contested.update(self._forget(old_m))
+            if m is not None:
+                self._mappings[key] = m
+                contested.update(self._learn(m))
+            redo.add(key)
+        redo |= self._resolve(contested, changes.mappings.keys())
+        self._redo(redo)
+        return self._assemble()
+
+    def _assemble(self) -> Plan:
+        desired = _desired(self._view, self._settings, self._dnats.output(), self._egress.output())
+        verdicts = self._verdicts.output()
+        last = self._last
+        if last is not None:
+            # Unchanged parts stay the very same objects, so later stages can skip them by identity.
+            if desired == last.desired:
+                desired = last.desired
+            if verdicts is last.verdicts and desired is last.desired and self._view.problems == last.host_problems:
+                return last
+        self._last = Plan(desired=desired, verdicts=verdicts, host_problems=self._view.problems)
+        return self._last
+
+    # -- indexes and claims
+
+    def _learn(self, m: Mapping, *, append: bool = False) -> Iterable[EndpointKey]:
+        """Index a Mapping; returns the endpoints it claims. `append`: Mappings come in age
+        order, so each joins the end of its endpoints' claimant lists."""
+        spec = m.spec
+        if isinstance(spec, Invalid):
+            return ()
+        self._by_service.setdefault(_service_key(m, spec), set()).add(m.key)
+        for a in spec.addresses:
+            self._by_address.setdefault(int(a), set()).add(m.key)
+        if _eligible(m, self._settings) is None:
+            return ()
+        order = _order(m)
+        claims = {_endpoint_order(ext): ext for ext in _claims(spec)}  # in claim order, once each
+        self._order[m.key] = order
+        self._claims[m.key] = tuple(claims.items())
+        for ek in claims:
+            if append:
+                self._claimants.setdefault(ek, []).append(order)
+            else:
+                bisect.insort(self._claimants.setdefault(ek, []), order)
+        return claims.keys()
+
+    def _forget(self, m: Mapping) -> Iterable[EndpointKey]:
+        """Undo _learn; returns the endpoints it claimed."""
+        spec = m.spec
+        if isinstance(spec, Invalid):
+            return ()
+        _discard(self._by_service, _service_key(m, spec), m.key)
+        for a in spec.addresses:
+            _discard(self._by_address, int(a), m.key)
+        claims = self._claims.pop(m.key, ())
+        order = self._order.pop(m.key, None)
+        self._taken.pop(m.key, None)
+        for ek, _ in claims:
+            claimants = self._claimants[ek]
+            del claimants[bisect.bisect_left(claimants, order)]  # type: ignore[arg-type]
+            if not claimants:
+                del self._claimants[ek]
+        return [ek for ek, _ in claims]
+
+    def _taker(self, key: MappingKey) -> tuple[ExternalEndpoint, MappingKey] | None:
+        """The first of its endpoints (in claim order) already held by an older winner, with
+        that winner: what plan() finds in `claimed` when it reaches this Mapping."""
+        order = self._order[key]
+        for ek, ext in self._claims[key]:
+            for other in self._claimants[ek]:
+                if other >= order:
+                    break
+                other_key = ObjectKey(other[1], other[2])
+                if self._taken.get(other_key, True) is None:
+                    return ext, other_key
+        return None
+
+    def _resolve(self, contested: set[EndpointKey], changed: Iterable[MappingKey]) -> set[MappingKey]:
+        """Decide again who wins, oldest first; returns every Mapping looked at.
+
+        A Mapping's result reads only older claimants' results, so walking in age order sees
+        final answers; when a win turns into a loss or back (or a Mapping is new), the younger
+        claimants of its endpoints join the walk."""
+        queued: set[Order] = set()
+        for ek in contested:
+            queued.update(self._claimants.get(ek, ()))
+        queued.update(self._order[key] for key in changed if key in self._order)
+        queue = sorted(queued)
+        seen: set[MappingKey] = set()
+        while queue:
+            order = heapq.heappop(queue)
+            key = ObjectKey(order[1], order[2])
+            seen.add(key)
+            was = self._taken.get(key, False)  # False: not decided before
+            now = self._taker(key)
+            self._taken[key] = now
+            if was is False or (was is None) != (now is None):
+                for ek, _ in self._claims[key]:
+                    for other in self._claimants[ek]:
+                        if other > order and other not in queued:
+                            queued.add(other)
+                            heapq.heappush(queue, other)
+        return seen
+
+    # -- outcomes
+
+    def _outcome(self, m: Mapping) -> _Outcome:
+        spec = _eligible(m, self._settings)
+        if spec is None:
+            return _Outcome(_unclaimed(m, self._settings))
+        taken = self._taken[m.key]
+        if taken is not None:
+            return _Outcome(_conflict(m, *taken))
+        service_key = _service_key(m, spec)
+        slices = self._slices_of.get(service_key, {}).values()
+        return _serve(m, spec, self._services.get(service_key), slices, self._view, self._settings)
+
+    def _redo(self, keys: set[MappingKey]) -> None:
+        # Take every old contribution out before putting new ones in: a winner's new endpoint
+        # may still be listed under the Mapping that held it until this pass.
+        fresh: list[tuple[MappingKey, Order, _Outcome]] = []
+        egress_touched: set[int] = set()
+        for key in keys:
+            old = self._outcomes.pop(key, None)
+            m = self._mappings.get(key)
+            new = None if m is None else self._outcome(m)
+            order = None if m is None else _order(m)
+            if old is not None:
+                old_order, old_outcome = old
+                if new == old_outcome and order == old_order:
+                    self._outcomes[key] = old  # same values: keep the same objects
+                    continue
+                for dk, _ in _dnat_keys(old_outcome.dnats):
+                    self._dnats.pop(dk)
+                for e in old_outcome.egress:
+                    ip = int(e.source)
+                    self._egress_claims[ip].pop(old_order)
+                    egress_touched.add(ip)
+                if new is None:
+                    self._verdicts.pop(_key_order(key))
+                    continue
+                new = _reuse(old_outcome, new)
+            if new is not None and order is not None:
+                fresh.append((key, order, new))
+        for key, order, outcome in fresh:
+            self._add(key, order, outcome, egress_touched)
+        self._elect(egress_touched)
+
+    def _add(self, key: MappingKey, order: Order, outcome: _Outcome, egress_touched: set[int]) -> None:
+        """Put a Mapping's outcome in; the pods it offers egress for go into `egress_touched`."""
+        self._outcomes[key] = (order, outcome)
+        self._verdicts.put(_key_order(key), outcome.verdict)
+        for dk, d in _dnat_keys(outcome.dnats):
+            self._dnats.put(dk, d)
+        for e in outcome.egress:
+            ip = int(e.source)
+            self._egress_claims.setdefault(ip, {})[order] = e
+            egress_touched.add(ip)
+
+    def _elect(self, egress_touched: set[int]) -> None:
+        """Decide again which Mapping a pod's egress goes with: the oldest that offers it."""
+        for ip in egress_touched:
+            candidates = self._egress_claims.get(ip)
+            if not candidates:
+                self._egress_claims.pop(ip, None)
+                self._egress.pop(ip)
+                continue
+            winner = candidates[min(candidates)]  # the oldest Mapping wins a pod
+            if self._egress.values.get(ip) is not winner:
+                self._egress.put(ip, winner)
+
+
+def _dnat_keys(dnats: tuple[Dnat, ...]) -> list[tuple[tuple[int, str, int, int], Dnat]]:
+    """Each Dnat keyed by its endpoint in sort order, plus a count that keeps apart the Dnats
+    of a spec listing one endpoint twice (plan() keeps both, in spec order)."""
+    seen: dict[ExternalEndpoint, int] = {}
+    keyed = []
+    for d in dnats:
+        n = seen[d.external] = seen.get(d.external, -1) + 1
+        keyed.append(((*_endpoint_order(d.external), n), d))
+    return keyed
+
+
+def _discard(index: dict[Any, set[MappingKey]], key: Any, member: MappingKey) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(member)
+        if not members:
+            del index[key]
+
+
+def _reuse(old: _Outcome, new: _Outcome) -> _Outcome:
+    """`new`, with the objects of `old` wherever they are equal, so that later stages that
+    compare by identity see them unchanged."""
+    kept = {d.external: d for d in old.dnats}
+    dnats = tuple(d if kept.get(d.external) != d else kept[d.external] for d in new.dnats)
+    kept_egress = {e.source: e for e in old.egress}
+    egress = tuple(e if kept_egress.get(e.source) != e else kept_egress[e.source] for e in new.egress)
+    verdict = old.verdict if old.verdict == new.verdict else new.verdict
+    return _Outcome(verdict, dnats, egress)

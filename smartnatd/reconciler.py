@@ -16,7 +16,7 @@ from typing import Protocol
 
 from smartnatd.dataplane import ApplyReport, Dataplane
 from smartnatd.errors import DataplaneError
-from smartnatd.planner import Plan, Verdict, plan
+from smartnatd.planner import IncrementalPlanner, Plan, Verdict
 from smartnatd.settings import Settings
 from smartnatd.store import Store
 
@@ -87,6 +87,7 @@ class Reconciler:
         self._on_pass = on_pass
         self.health = Health(started=clock())
         self.plan: Plan | None = None
+        self._planner = IncrementalPlanner(settings)  # re-decides only what the store says changed
         self._last_full = 0.0
         self._backoff = 0.0
 
@@ -124,8 +125,8 @@ class Reconciler:
         """One pass. Returns True when the kernel now matches the plan."""
         self._store.dirty.clear()
         started = self._clock()
-        snapshot = self._store.snapshot()
-        new_plan = plan(snapshot, self._settings)
+        snapshot, changes = self._store.snapshot_with_changes()
+        new_plan = self._planner.plan(snapshot, changes)
         if self.plan is None or new_plan.host_problems != self.plan.host_problems:
             for problem in new_plan.host_problems:
                 logger.warning("host problem: %s", problem)

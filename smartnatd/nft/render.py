@@ -3,14 +3,24 @@
 The Ruleset is data first so that one object gives the golden file, the dry-run output, the
 full transaction and the incremental difference against the last applied one. Text is sorted
 and byte-for-byte stable.
+
+Renderer is render() for a process that renders every pass: it re-renders only the entries
+that changed and diffs from the elements it moved, so one changed Mapping costs a few element
+commands and about as much Python, whatever the number of Mappings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import bisect
+import operator
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from itertools import compress, count
+from typing import Any
 
-from smartnatd.desired import MARK_MASK, DesiredState, Dnat
+from smartnatd.desired import MARK_MASK, DesiredState, Dnat, EgressSnat
 from smartnatd.nft import names as n
 
 L4 = "meta l4proto { tcp, udp, sctp }"
@@ -71,60 +81,101 @@ def _t() -> str:
     return f"{n.FAMILY} {n.TABLE}"
 
 
-def _mapping_owner(d: Dnat) -> str:
-    return str(d.owner)
+# Sets and maps in declaration order; the order of `Ruleset.sets` and of the transaction.
+_ENDPOINT = "type ipv4_addr . inet_proto . inet_service;"
+_DECLARATIONS = (
+    (n.EXTERNAL_PORTS, "set", f"{_ENDPOINT} counter;"),
+    (n.MANAGED_ADDRESSES, "set", "type ipv4_addr;"),
+    (n.EXTERNAL_INTERFACES, "set", "type ifname;"),
+    (n.INTERFACE_MARKS, "map", "type ifname : mark;"),
+    (n.DNAT_TARGETS, "map", "type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;"),
+    (n.DNAT_CHAINS, "map", "type ipv4_addr . inet_proto . inet_service : verdict;"),
+    (n.SOURCE_FILTERS, "map", "type ipv4_addr . inet_proto . inet_service : verdict;"),
+    (n.EGRESS_MARKS, "map", "type ipv4_addr : mark;"),
+    (n.EGRESS_SOURCES, "map", "type ipv4_addr : ipv4_addr;"),
+)
+# Owners are namespace/name in DNS characters: their comment needs no cleaning, and checking
+# that is cheaper than names.comment() on every element of a 50k-Mapping render.
+_CLEAN_COMMENT = re.compile(r"[A-Za-z0-9_./:-]{1,%d}" % n.COMMENT_MAX)
 
 
-def _endpoint_key(d: Dnat) -> str:
-    e = d.external
-    return f"{e.address} . {e.protocol} . {e.port}"
+def _comment(owner: str) -> str:
+    return f'"{owner}"' if _CLEAN_COMMENT.fullmatch(owner) else n.comment(owner)
 
 
-def render(desired: DesiredState) -> Ruleset:
-    external_ports: list[Element] = []
-    dnat_targets: list[Element] = []
-    dnat_chains: list[Element] = []
-    source_filters: list[Element] = []
-    chains: dict[str, NftChain] = {}
+def _element(key: str, comment: str, data: str) -> Element:
+    # Element.of with the comment already quoted.
+    return Element(key, f"{key} comment {comment} : {data}" if data else f"{key} comment {comment}")
 
-    for d in desired.dnats:
-        key = _endpoint_key(d)
-        owner = _mapping_owner(d)
-        external_ports.append(Element.of(key, owner=owner))
-        if len(d.targets) == 1:
-            t = d.targets[0]
-            dnat_targets.append(Element.of(key, owner=owner, data=f"{t.address} . {t.port}"))
-        else:
-            spread = ", ".join(f"{i} : {t.address} . {t.port}" for i, t in enumerate(d.targets))
-            rule = f"{L4} dnat ip to numgen random mod {len(d.targets)} map {{ {spread} }}"
-            name = n.backends_chain(rule)
-            chains.setdefault(name, NftChain(name, rules=(rule,)))
-            dnat_chains.append(Element.of(key, owner=owner, data=f"goto {name}"))
-        if not d.allows_anyone:
-            sources = ", ".join(str(s) for s in d.allowed_sources)
+
+@dataclass(frozen=True)
+class _Placed:
+    """What one desired entry puts into the ruleset: elements by set, and dynamic chains."""
+
+    elements: tuple[tuple[str, Element], ...]
+    chains: tuple[NftChain, ...] = ()
+
+
+class _Memo:
+    """Per-pass caches for text that many Dnats share (allow-list chains)."""
+
+    def __init__(self) -> None:
+        self.sources: dict[tuple[IPv4Network, ...], tuple[str, NftChain]] = {}
+
+    def sources_chain(self, allowed: tuple[IPv4Network, ...]) -> tuple[str, NftChain]:
+        found = self.sources.get(allowed)
+        if found is None:
+            sources = ", ".join(str(s) for s in allowed)
             accept = f"ip saddr {{ {sources} }} return"
             name = n.sources_chain(accept)
-            chains.setdefault(name, NftChain(name, rules=(accept, "counter drop")))
-            source_filters.append(Element.of(key, owner=owner, data=f"jump {name}"))
+            found = self.sources[allowed] = (name, NftChain(name, rules=(accept, "counter drop")))
+        return found
 
-    ifaces = [n.ifname(i) for i in desired.external_interfaces]
-    marks = [Element.of(n.ifname(p.interface), data=f"0x{p.mark:08x}") for p in desired.return_paths]
-    egress_marks = [Element.of(str(e.source), owner=str(e.owner), data=f"0x{e.mark:08x}") for e in desired.egress]
-    egress_sources = [Element.of(str(e.source), owner=str(e.owner), data=str(e.to)) for e in desired.egress]
 
-    endpoint = "type ipv4_addr . inet_proto . inet_service;"
-    sets = (
-        NftSet(n.EXTERNAL_PORTS, "set", f"{endpoint} counter;", _sorted(external_ports)),
-        NftSet(n.MANAGED_ADDRESSES, "set", "type ipv4_addr;", _sorted(Element.of(str(a)) for a in desired.managed_addresses)),
-        NftSet(n.EXTERNAL_INTERFACES, "set", "type ifname;", _sorted(Element.of(i) for i in ifaces)),
-        NftSet(n.INTERFACE_MARKS, "map", "type ifname : mark;", _sorted(marks)),
-        NftSet(n.DNAT_TARGETS, "map", "type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;", _sorted(dnat_targets)),
-        NftSet(n.DNAT_CHAINS, "map", f"type ipv4_addr . inet_proto . inet_service : verdict;", _sorted(dnat_chains)),
-        NftSet(n.SOURCE_FILTERS, "map", f"type ipv4_addr . inet_proto . inet_service : verdict;", _sorted(source_filters)),
-        NftSet(n.EGRESS_MARKS, "map", "type ipv4_addr : mark;", _sorted(egress_marks)),
-        NftSet(n.EGRESS_SOURCES, "map", "type ipv4_addr : ipv4_addr;", _sorted(egress_sources)),
+def _place_dnat(d: Dnat, memo: _Memo) -> _Placed:
+    e = d.external
+    key = f"{e.address} . {e.protocol} . {e.port}"
+    comment = _comment(str(d.owner))
+    elements = [(n.EXTERNAL_PORTS, _element(key, comment, ""))]
+    chains: list[NftChain] = []
+    if len(d.targets) == 1:
+        t = d.targets[0]
+        elements.append((n.DNAT_TARGETS, _element(key, comment, f"{t.address} . {t.port}")))
+    else:
+        spread = ", ".join(f"{i} : {t.address} . {t.port}" for i, t in enumerate(d.targets))
+        rule = f"{L4} dnat ip to numgen random mod {len(d.targets)} map {{ {spread} }}"
+        name = n.backends_chain(rule)
+        chains.append(NftChain(name, rules=(rule,)))
+        elements.append((n.DNAT_CHAINS, _element(key, comment, f"goto {name}")))
+    if not d.allows_anyone:
+        name, chain = memo.sources_chain(d.allowed_sources)
+        chains.append(chain)
+        elements.append((n.SOURCE_FILTERS, _element(key, comment, f"jump {name}")))
+    return _Placed(tuple(elements), tuple(chains))
+
+
+def _place_egress(e: EgressSnat) -> _Placed:
+    key, comment = str(e.source), _comment(str(e.owner))
+    return _Placed(
+        (
+            (n.EGRESS_MARKS, _element(key, comment, f"0x{e.mark:08x}")),
+            (n.EGRESS_SOURCES, _element(key, comment, str(e.to))),
+        )
     )
 
+
+def _host_elements(desired: DesiredState) -> dict[str, tuple[Element, ...]]:
+    """The small sets that follow the box, not the Mappings: rebuilt whole when they change."""
+    ifaces = [n.ifname(i) for i in desired.external_interfaces]
+    marks = [Element.of(n.ifname(p.interface), data=f"0x{p.mark:08x}") for p in desired.return_paths]
+    return {
+        n.MANAGED_ADDRESSES: _sorted(Element.of(str(a)) for a in desired.managed_addresses),
+        n.EXTERNAL_INTERFACES: _sorted(Element.of(i) for i in ifaces),
+        n.INTERFACE_MARKS: _sorted(marks),
+    }
+
+
+def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
     mask = f"0x{MARK_MASK:08x}"
     prerouting = [
         # Allow-lists first: a refused client is dropped before any NAT or mark.
@@ -149,7 +200,7 @@ def render(desired: DesiredState) -> Ruleset:
         postrouting.append(f"ct status dnat ct mark & {mask} != 0 oifname != @{n.EXTERNAL_INTERFACES} masquerade")
     postrouting.append(f"oifname @{n.EXTERNAL_INTERFACES} snat ip to ip saddr map @{n.EGRESS_SOURCES}")
 
-    base = (
+    return (
         # mangle (-150): after conntrack (-200) so ct state works, before DNAT (-100) so the
         # allow-list sees the original destination.
         NftChain(n.FILTER_PREROUTING, "type filter hook prerouting priority mangle; policy accept;", tuple(prerouting)),
@@ -162,12 +213,321 @@ def render(desired: DesiredState) -> Ruleset:
         # srcnat - 10: ahead of kube-proxy's masquerade.
         NftChain(n.NAT_POSTROUTING, "type nat hook postrouting priority srcnat - 10; policy accept;", tuple(postrouting)),
     )
-    return Ruleset(sets=sets, chains=base + tuple(chains[k] for k in sorted(chains)))
+
+
+def render(desired: DesiredState) -> Ruleset:
+    return Renderer().render(desired)
+
+
+def _changed_span(old: tuple[Any, ...], new: tuple[Any, ...]) -> tuple[int, int, int]:
+    """(start, old_end, new_end): old[:start] and new[:start] are the same objects, and so are
+    old[old_end:] and new[new_end:]. Stops at the first difference from each end."""
+    shortest = min(len(old), len(new))
+    start = next(compress(count(), map(operator.is_not, old, new)), shortest)
+    tail = next(compress(count(), map(operator.is_not, reversed(old), reversed(new))), shortest)
+    tail = min(tail, shortest - start)
+    return start, len(old) - tail, len(new) - tail
 
 
 def _sorted(elements: Iterable[Element]) -> tuple[Element, ...]:
     unique = {e.key: e for e in elements}
     return tuple(unique[k] for k in sorted(unique))
+
+
+class _Duplicate(Exception):
+    """Two entries of one desired state want the same element key (the planner never does that)."""
+
+
+class Renderer:
+    """render() with memory, for a dataplane that renders every pass.
+
+    `render(desired)` equals the module's render(desired), but re-renders only the Dnats and
+    egress entries that are not the very objects it rendered last time (the incremental planner
+    hands unchanged entries back unchanged), moves their elements in and out of per-set indexes
+    kept sorted, and shares the elements and chains of everything else. It records which
+    elements changed, so `diff()` from the previous ruleset lists those instead of comparing
+    every set. Anything it cannot follow (duplicate keys) makes it render from scratch.
+    """
+
+    def __init__(self) -> None:
+        self._desired: DesiredState | None = None  # what the state below reflects
+        self._ruleset: Ruleset | None = None  # the last result
+        self._previous: Ruleset | None = None  # the result before that: where `_steps` start
+        self._previous_desired: DesiredState | None = None
+        # Entries rendered, by id() of the entry; the entry is kept so its id stays its own.
+        self._dnats: dict[int, tuple[Dnat, _Placed]] = {}
+        self._egress: dict[int, tuple[EgressSnat, _Placed]] = {}
+        self._elements: dict[str, dict[str, Element]] = {}
+        self._keys: dict[str, list[str]] = {}  # element keys of each set, sorted
+        self._items: dict[str, list[Element]] = {}  # its elements in that order
+        self._chains: dict[str, list[Any]] = {}  # name -> [chain, references]
+        self._chains_moved = True  # a chain name came or went since the last result
+        self._sets: dict[str, NftSet] = {}
+        self._base: tuple[NftChain, ...] = ()
+        self._chain_tuple: tuple[NftChain, ...] = ()
+        # The last render's changes: set -> key -> (element before, element after).
+        self._steps: dict[str, dict[str, tuple[Element | None, Element | None]]] = {}
+        # Dynamic chains whose name came or went in the last render: did it exist before?
+        # None after a render from scratch.
+        self._chain_steps: dict[str, bool] | None = None
+        self._dnat_steps: tuple[tuple[Dnat, ...], tuple[Dnat, ...]] | None = None
+        self._after: Ruleset | None = None  # what the last diff() left, for the ruleset below
+        self._after_of: Ruleset | None = None
+
+    def render(self, desired: DesiredState) -> Ruleset:
+        self._previous, self._previous_desired = self._ruleset, self._desired
+        if self._desired is not None:
+            try:
+                return self._finish(desired, self._update(desired))
+            except _Duplicate:
+                pass
+        return self._finish(desired, self._rebuild(desired))
+
+    def dnat_changes(self, since: DesiredState | None) -> tuple[tuple[Dnat, ...], tuple[Dnat, ...]] | None:
+        """The Dnats the last render removed and added, if it went from `since`; else None."""
+        if since is None or since is not self._previous_desired or self._dnat_steps is None:
+            return None
+        return self._dnat_steps
+
+    def diff(self, old: Ruleset, new: Ruleset) -> Diff | None:
+        """diff(old, new), from the recorded changes when `old` is what the previous render left
+        in the kernel (that render itself after a full pass, or what diff() made of it) and
+        `new` is the last render; otherwise by comparing everything."""
+        previous = self._previous
+        if new is not self._ruleset or previous is None or old.sets is not previous.sets:
+            return diff(old, new)
+        steps = self._steps
+
+        def changed(before: NftSet, after: NftSet) -> tuple[list[str], list[Element]]:
+            step = steps.get(after.name, {})
+            gone = sorted(k for k, (was, now) in step.items() if was is not None and was != now)
+            return gone, [now for was, now in step.values() if now is not None and now != was]
+
+        known = old is previous or (old is self._after and self._after_of is previous)
+        if known and self._chain_steps is not None:
+            result = self._fast_diff(old, new, changed)
+        else:
+            result = _diff(old, new, changed)
+        self._after, self._after_of = (None, None) if result is None else (result.after, new)
+        return result
+
+    def _fast_diff(
+        self, old: Ruleset, new: Ruleset, changed: Callable[[NftSet, NftSet], tuple[list[str], list[Element]]]
+    ) -> Diff | None:
+        """_diff() without a pass over every chain: old's chains are the previous render's plus
+        the emptied ones it lists as stale, and the last render recorded which names moved."""
+        assert self._previous is not None and self._chain_steps is not None
+        previous, moved = self._previous, self._chain_steps
+        bases = len(self._base)
+        old_base, new_base = previous.chains[:bases], new.chains[:bases]
+        if [(c.name, c.hook) for c in old_base] != [(c.name, c.hook) for c in new_base]:
+            return None
+        if [(s.name, s.kind, s.declaration) for s in old.sets] != [(s.name, s.kind, s.declaration) for s in new.sets]:
+            return None
+        stale_before = set(old.stale_chains)
+        came = sorted(name for name, existed in moved.items() if not existed and name in self._chains)
+        went = sorted(name for name, existed in moved.items() if existed and name not in self._chains)
+
+        lines: list[str] = []
+        ops = 0
+        for name in came:
+            if name not in stale_before:  # an emptied chain is still there: refilled below
+                chain = self._chains[name][0]
+                lines.append(_chain_decl(chain))
+                lines += _rules(chain)
+                ops += 1
+        deletes: list[str] = []
+        adds: list[str] = []
+        old_sets = {s.name: s for s in old.sets}
+        for s in new.sets:
+            gone, new_elements = changed(old_sets[s.name], s)
+            ops += len(gone) + len(new_elements)
+            deletes += _delete_elements(s.name, gone)
+            adds += _add_elements(s.name, sorted(new_elements))
+        lines += deletes + adds
+        refilled = [new_c for old_c, new_c in zip(old_base, new_base) if new_c.rules != old_c.rules]
+        refilled += [self._chains[name][0] for name in came if name in stale_before]
+        for c in refilled:
+            lines.append(f"flush chain {_t()} {c.name}")
+            lines += _rules(c)
+            ops += 1
+        for name in went:
+            lines.append(f"flush chain {_t()} {name}")
+            ops += 1
+        for name in old.stale_chains:
+            if name not in self._chains:
+                lines.append(f"delete chain {_t()} {name}")
+                ops += 1
+        kept = tuple(new.chains) + tuple(NftChain(name) for name in went)
+        after_rs = Ruleset(sets=new.sets, chains=kept, stale_chains=tuple(went))
+        return Diff(text="\n".join(lines) + ("\n" if lines else ""), after=after_rs, operations=ops)
+
+    # -- building
+
+    def _reset(self) -> None:
+        self._dnats, self._egress = {}, {}
+        self._elements = {name: {} for name, _, _ in _DECLARATIONS}
+        self._keys = {name: [] for name, _, _ in _DECLARATIONS}
+        self._items = {name: [] for name, _, _ in _DECLARATIONS}
+        self._chains = {}
+        self._chains_moved = True
+        self._sets = {}
+        self._base = ()
+        self._chain_tuple = ()
+
+    def _rebuild(self, desired: DesiredState) -> set[str]:
+        """From scratch, with render()'s rules for duplicates: the last element of a key wins,
+        the first chain of a name."""
+        self._reset()
+        self._steps, self._dnat_steps, self._chain_steps = {}, None, None
+        exact = True
+        memo = _Memo()
+        for d in desired.dnats:
+            placed = _place_dnat(d, memo)
+            exact &= self._put(id(d), d, placed, self._dnats, replace=True)
+        for e in desired.egress:
+            exact &= self._put(id(e), e, _place_egress(e), self._egress, replace=True)
+        for name, elements in _host_elements(desired).items():
+            self._elements[name] = {e.key: e for e in elements}
+        for name, elements in self._elements.items():
+            self._keys[name] = sorted(elements)
+            self._items[name] = list(map(elements.__getitem__, self._keys[name]))
+        # With duplicates the indexes cannot say what removing one entry leaves: start over
+        # next time as well.
+        self._desired = desired if exact else None
+        return {name for name, _, _ in _DECLARATIONS}
+
+    def _update(self, desired: DesiredState) -> set[str]:
+        """Move in the entries that are new and out those that are gone; returns touched sets."""
+        previous = self._desired
+        assert previous is not None
+        self._desired = None  # until done: a failure midway means rebuild next time
+        self._steps, self._chain_steps = {}, {}
+        touched: set[str] = set()
+        memo = _Memo()
+        removed, added = self._swap(
+            desired.dnats, previous.dnats, self._dnats, lambda d: _place_dnat(d, memo), touched
+        )
+        self._swap(desired.egress, previous.egress, self._egress, _place_egress, touched)
+        hosts = (desired.managed_addresses, desired.external_interfaces, desired.return_paths)
+        if hosts != (previous.managed_addresses, previous.external_interfaces, previous.return_paths):
+            for name, elements in _host_elements(desired).items():
+                before = self._elements[name]
+                after = {e.key: e for e in elements}
+                for key in before.keys() | after.keys():
+                    self._record(name, key, before.get(key), after.get(key))
+                self._elements[name] = after
+                self._keys[name] = sorted(after)
+                self._items[name] = list(map(after.__getitem__, self._keys[name]))
+                touched.add(name)
+        self._dnat_steps = (removed, added)
+        self._desired = desired
+        return touched
+
+    def _swap(
+        self,
+        entries: tuple[Any, ...],
+        previous: tuple[Any, ...],
+        rendered: dict[int, Any],
+        place: Callable[[Any], _Placed],
+        touched: set[str],
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """Render the entries not rendered before, drop those gone; returns (gone, new)."""
+        if entries is previous:
+            return (), ()
+        # Both are sorted and mostly the very same objects: skip the common head and tail
+        # (compared by identity, in C), then match what is left by id.
+        start, old_end, new_end = _changed_span(previous, entries)
+        current = {id(e): e for e in entries[start:new_end]}
+        before = {id(e) for e in previous[start:old_end]}
+        gone = [rendered.pop(i) for i in before - current.keys()]
+        came = [current[i] for i in current.keys() - before]
+        for _, placed in gone:
+            self._take(placed, touched)
+        for entry in came:
+            if not self._put(id(entry), entry, place(entry), rendered, replace=False, touched=touched):
+                raise _Duplicate
+        return tuple(entry for entry, _ in gone), tuple(came)
+
+    def _put(
+        self,
+        i: int,
+        entry: Any,
+        placed: _Placed,
+        rendered: dict[int, Any],
+        *,
+        replace: bool,
+        touched: set[str] | None = None,
+    ) -> bool:
+        """Add an entry's elements and chains; False when an element key was taken already."""
+        rendered[i] = (entry, placed)
+        exact = True
+        for name, element in placed.elements:
+            elements = self._elements[name]
+            before = elements.get(element.key)
+            if before is not None:
+                exact = False
+                if not replace:
+                    return False
+            elements[element.key] = element
+            if touched is not None:
+                self._record(name, element.key, before, element)
+                keys = self._keys[name]
+                at = bisect.bisect_left(keys, element.key)
+                if before is None:
+                    keys.insert(at, element.key)
+                    self._items[name].insert(at, element)
+                else:
+                    self._items[name][at] = element
+                touched.add(name)
+        for chain in placed.chains:
+            held = self._chains.get(chain.name)
+            if held is None:
+                self._chains[chain.name] = [chain, 1]
+                self._chains_moved = True
+                if self._chain_steps is not None:
+                    self._chain_steps.setdefault(chain.name, False)
+            else:
+                held[1] += 1
+        return exact
+
+    def _take(self, placed: _Placed, touched: set[str]) -> None:
+        for name, element in placed.elements:
+            before = self._elements[name].pop(element.key)
+            self._record(name, element.key, before, None)
+            at = bisect.bisect_left(self._keys[name], element.key)
+            del self._keys[name][at], self._items[name][at]
+            touched.add(name)
+        for chain in placed.chains:
+            held = self._chains[chain.name]
+            held[1] -= 1
+            if held[1] == 0:
+                del self._chains[chain.name]
+                self._chains_moved = True
+                if self._chain_steps is not None:
+                    self._chain_steps.setdefault(chain.name, True)
+
+    def _record(self, name: str, key: str, before: Element | None, after: Element | None) -> None:
+        step = self._steps.setdefault(name, {})
+        first = step.get(key)
+        step[key] = (before if first is None else first[0], after)
+
+    def _finish(self, desired: DesiredState, touched: set[str]) -> Ruleset:
+        sets_changed = False
+        for name, kind, declaration in _DECLARATIONS:
+            if name in touched or name not in self._sets:
+                self._sets[name] = NftSet(name, kind, declaration, tuple(self._items[name]))
+                sets_changed = True
+        base = _base_chains(desired)
+        chains_changed = base != self._base or self._chains_moved
+        if chains_changed:
+            self._base = base
+            self._chain_tuple = base + tuple(self._chains[name][0] for name in sorted(self._chains))
+            self._chains_moved = False
+        last = self._ruleset
+        if last is None or sets_changed or chains_changed:
+            self._ruleset = Ruleset(sets=tuple(self._sets[name] for name, _, _ in _DECLARATIONS), chains=self._chain_tuple)
+        return self._ruleset
 
 
 def _add_elements(name: str, elements: Iterable[Element]) -> list[str]:
@@ -224,6 +584,21 @@ class Diff:
 
 def diff(old: Ruleset, new: Ruleset) -> Diff | None:
     """The incremental transaction from `old` (applied) to `new`; None when only a full pass can do it."""
+
+    def changed(before: NftSet, after: NftSet) -> tuple[list[str], list[Element]]:
+        was = {e.key: e for e in before.elements}
+        now = {e.key: e for e in after.elements}
+        gone = sorted(k for k, e in was.items() if now.get(k) != e)
+        return gone, [e for k, e in now.items() if was.get(k) != e]
+
+    return _diff(old, new, changed)
+
+
+def _diff(
+    old: Ruleset, new: Ruleset, changed: Callable[[NftSet, NftSet], tuple[list[str], list[Element]]]
+) -> Diff | None:
+    """diff() with the element changes of each set given by `changed(old set, new set)`:
+    the keys to delete (sorted) and the elements to add."""
     old_sets = {s.name: s for s in old.sets}
     if [(s.name, s.kind, s.declaration) for s in old.sets] != [(s.name, s.kind, s.declaration) for s in new.sets]:
         return None
@@ -245,10 +620,7 @@ def diff(old: Ruleset, new: Ruleset) -> Diff | None:
     deletes: list[str] = []
     adds: list[str] = []
     for s in new.sets:
-        before = {e.key: e for e in old_sets[s.name].elements}
-        after = {e.key: e for e in s.elements}
-        gone = sorted(k for k, e in before.items() if after.get(k) != e)
-        new_elements = [e for k, e in after.items() if before.get(k) != e]
+        gone, new_elements = changed(old_sets[s.name], s)
         ops += len(gone) + len(new_elements)
         deletes += _delete_elements(s.name, gone)
         adds += _add_elements(s.name, sorted(new_elements))
