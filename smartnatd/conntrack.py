@@ -78,17 +78,22 @@ class FlowFilter:
     Otherwise a flow is deleted when its reply source is not one of keep_targets (the target it
     was DNATed to is no longer wanted, or it was never DNATed), or when keep_sources is not None
     and its original source lies outside every network of keep_sources.
+
+    check_targets False (a virtual target, Dnat.virtual_target): the reply source is whatever
+    the next NAT layer chose, so it says nothing about keep_targets; only flows never DNATed
+    (reply source = `external` itself) and flows from sources outside keep_sources are deleted.
     """
 
     external: ExternalEndpoint
     keep_targets: frozenset[Target] | None
     keep_sources: tuple[IPv4Network, ...] | None
+    check_targets: bool = True
 
     def __str__(self) -> str:
         if self.keep_targets is None:
             return f"{self.external} (all)"
         sources = "any" if self.keep_sources is None else ",".join(map(str, self.keep_sources))
-        targets = ",".join(sorted(map(str, self.keep_targets)))
+        targets = ",".join(sorted(map(str, self.keep_targets))) if self.check_targets else "virtual"
         return f"{self.external} (keep targets={targets} sources={sources})"
 
 
@@ -97,6 +102,11 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
 
     old None (first pass after start: what the kernel ran before is unknown): one filter per
     endpoint of `new` keeping exactly its targets and allowed sources.
+
+    A virtual target (a ClusterIP that kube-proxy in IPVS mode translates again on the box) does
+    not show in conntrack: the reply source is the pod. Its flows are judged by source only,
+    plus the never-DNATed ones; when its targets change (another Service, a mode switch), which
+    flow went where cannot be told, so every flow to the endpoint goes.
     """
     wanted = {d.external: d for d in new.dnats}
     if old is None:
@@ -111,23 +121,40 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
             # A new endpoint can have flows that were never DNATed: datagrams that reached the
             # box before the Mapping existed (drop_unmapped off) and that conntrack would keep
             # delivering locally. None of them goes to a target, so the filter deletes only them.
-            filters.append(FlowFilter(external=external, keep_targets=frozenset(now.targets), keep_sources=None))
+            filters.append(
+                FlowFilter(
+                    external=external,
+                    keep_targets=frozenset(now.targets),
+                    keep_sources=None,
+                    check_targets=not now.virtual_target,
+                )
+            )
         else:
-            lost_targets = not set(was.targets) <= set(now.targets)
+            # A mode switch changes what the reply source means: a target change whatever the
+            # addresses. Towards a real target the usual check keeps flows already reaching one.
+            lost_targets = was.virtual_target != now.virtual_target or not set(was.targets) <= set(now.targets)
             shrank = _sources_shrank(before=was.allowed_sources, after=now.allowed_sources)
-            if lost_targets or shrank:
+            if lost_targets and now.virtual_target:
+                filters.append(FlowFilter(external=external, keep_targets=None, keep_sources=None))
+            elif lost_targets or shrank:
                 filters.append(
                     FlowFilter(
                         external=external,
                         keep_targets=frozenset(now.targets),
                         keep_sources=_kept_sources(now) if shrank else None,
+                        check_targets=not now.virtual_target,
                     )
                 )
     return tuple(filters)
 
 
 def _keep_only(dnat: Dnat) -> FlowFilter:
-    return FlowFilter(external=dnat.external, keep_targets=frozenset(dnat.targets), keep_sources=_kept_sources(dnat))
+    return FlowFilter(
+        external=dnat.external,
+        keep_targets=frozenset(dnat.targets),
+        keep_sources=_kept_sources(dnat),
+        check_targets=not dnat.virtual_target,
+    )
 
 
 def _kept_sources(dnat: Dnat) -> tuple[IPv4Network, ...] | None:
@@ -151,7 +178,7 @@ class _Flow:
     source_port: int
     destination: IPv4Address
     destination_port: int
-    reply_source: IPv4Address  # the DNAT target, or the destination itself when not DNATed
+    reply_source: IPv4Address  # the DNAT target (a pod behind a virtual one), or the destination when not DNATed
     reply_source_port: int
     mark: int
     status: int
@@ -280,7 +307,11 @@ def _doom(flow: _Flow, flt: FlowFilter) -> Hashable | None:
     """Why `flow` must go under `flt`, as a group key; None to keep it."""
     if flt.keep_targets is None:
         return ("endpoint",)
-    if flow.reply_target not in flt.keep_targets:
+    if flt.check_targets:
+        if flow.reply_target not in flt.keep_targets:
+            return ("target", flow.reply_target)
+    elif flow.reply_target == Target(address=flow.destination, port=flow.destination_port):
+        # Never DNATed. Keyed like a lost target: the kernel selects these by reply source too.
         return ("target", flow.reply_target)
     if flt.keep_sources is not None and not any(flow.source in net for net in flt.keep_sources):
         return ("source", flow.source)

@@ -52,6 +52,9 @@ class Dnat:
     allowed_sources: tuple[IPv4Network, ...]  # sorted, collapsed; (0.0.0.0/0,) means anyone
     owner: MappingKey
     interface: str
+    # True when `targets` is a Service's virtual IP that another NAT layer (kube-proxy in IPVS
+    # mode) translates again: the reply source conntrack shows is then a pod, not a target.
+    virtual_target: bool = False
 
     @property
     def allows_anyone(self) -> bool:

@@ -368,6 +368,7 @@ def _serve(
             allowed_sources=spec.allowed_sources,
             owner=m.key,
             interface=local[a].name,
+            virtual_target=spec.mode == Mode.SERVICE,
         )
         for p, targets in zip(spec.ports, targets_per_port)
         for a in here

@@ -36,7 +36,7 @@ import pytest
 from pyroute2 import AsyncConntrack, netns
 from pyroute2.conntrack import ConntrackEntry, NFCTAttrTuple
 
-from smartnatd.conntrack import ConntrackEdge, FlowFilter, stale_flow_filters
+from smartnatd.conntrack import ConntrackEdge, FlowFilter, _doom, _Flow, stale_flow_filters
 from smartnatd.desired import MARK_MASK, DesiredState, Dnat, ExternalEndpoint, Target
 from smartnatd.model import MappingKey, Protocol
 
@@ -59,6 +59,10 @@ E1 = udp("203.0.113.10", 5000)
 E2 = udp("203.0.113.11", 5001)
 E3 = udp("203.0.113.12", 5002)
 E4 = udp("203.0.113.13", 5003)
+# A Service's ClusterIP:port, as mode: service DNATs to it. It is on no interface of the lab: in
+# the kernel tests the router DNATs straight to a backend, as IPVS would after the ClusterIP.
+CLUSTER_IP = Target(address=IPv4Address("10.96.0.10"), port=80)
+OTHER_CLUSTER_IP = Target(address=IPv4Address("10.96.0.11"), port=80)
 
 
 # -- stale_flow_filters: pure ----------------------------------------------------------------
@@ -69,6 +73,7 @@ def dnat(
     external: ExternalEndpoint,
     *targets: Target,
     sources: tuple[IPv4Network, ...] = ANYONE,
+    virtual: bool = False,
 ) -> Dnat:
     return Dnat(
         external=external,
@@ -76,6 +81,7 @@ def dnat(
         allowed_sources=sources,
         owner=MappingKey("default", f"m-{external.port}"),
         interface="ext1",
+        virtual_target=virtual,
     )
 
 
@@ -190,6 +196,116 @@ def test_several_changes_come_sorted_by_endpoint() -> None:
     old = state(dnat(E3, BACKEND_A), dnat(E1, BACKEND_A, BACKEND_B), dnat(E2, BACKEND_A))
     new = state(dnat(E2, BACKEND_A), dnat(E1, BACKEND_A))
     assert [f.external for f in stale_flow_filters(old=old, new=new)] == [E1, E3]
+
+
+# A virtual target (mode: service) is translated again by kube-proxy (IPVS) on the box, so the
+# reply source conntrack shows is a pod, never the ClusterIP: flows are judged by source only.
+
+
+def test_unknown_previous_state_judges_flows_to_a_virtual_target_by_source_only() -> None:
+    new = state(
+        dnat(E1, CLUSTER_IP, sources=nets("192.0.2.0/24"), virtual=True),
+        dnat(E2, CLUSTER_IP, virtual=True),
+        dnat(E3, BACKEND_A),
+    )
+    assert stale_flow_filters(old=None, new=new) == (
+        FlowFilter(
+            external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=nets("192.0.2.0/24"), check_targets=False
+        ),
+        FlowFilter(external=E2, keep_targets=frozenset({CLUSTER_IP}), keep_sources=None, check_targets=False),
+        FlowFilter(external=E3, keep_targets=frozenset({BACKEND_A}), keep_sources=None),
+    )
+
+
+def test_shrunk_sources_of_a_virtual_target_filter_by_source_only() -> None:
+    old = state(dnat(E1, CLUSTER_IP, sources=nets("192.0.2.0/24"), virtual=True))
+    new = state(dnat(E1, CLUSTER_IP, sources=nets("192.0.2.0/25"), virtual=True))
+    assert stale_flow_filters(old=old, new=new) == (
+        FlowFilter(
+            external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=nets("192.0.2.0/25"), check_targets=False
+        ),
+    )
+
+
+def test_unchanged_virtual_target_needs_no_filter() -> None:
+    desired = state(dnat(E1, CLUSTER_IP, sources=nets("192.0.2.0/24"), virtual=True))
+    assert stale_flow_filters(old=desired, new=desired) == ()
+
+
+def test_changed_virtual_target_deletes_every_flow_to_the_endpoint() -> None:
+    # Another Service: no flow tells which ClusterIP it went through, so none can stay.
+    old = state(dnat(E1, CLUSTER_IP, virtual=True))
+    new = state(dnat(E1, OTHER_CLUSTER_IP, virtual=True))
+    assert stale_flow_filters(old=old, new=new) == (FlowFilter(external=E1, keep_targets=None, keep_sources=None),)
+
+
+def test_added_virtual_target_deletes_only_flows_never_dnated() -> None:
+    new = state(dnat(E1, CLUSTER_IP, sources=nets("192.0.2.0/24"), virtual=True))
+    assert stale_flow_filters(old=DesiredState(), new=new) == (
+        FlowFilter(external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=None, check_targets=False),
+    )
+
+
+def test_switch_to_a_virtual_target_deletes_every_flow_to_the_endpoint() -> None:
+    old = state(dnat(E1, BACKEND_A, BACKEND_B))
+    new = state(dnat(E1, CLUSTER_IP, virtual=True))
+    assert stale_flow_filters(old=old, new=new) == (FlowFilter(external=E1, keep_targets=None, keep_sources=None),)
+
+
+def test_switch_from_a_virtual_target_keeps_flows_reaching_a_new_target() -> None:
+    # Even with the same target tuples: what the reply source means changed. Flows that IPVS
+    # sent to a pod the endpoint now targets directly still go to a wanted target.
+    for before in (CLUSTER_IP, BACKEND_A):
+        old = state(dnat(E1, before, sources=nets("192.0.2.0/24"), virtual=True))
+        new = state(dnat(E1, BACKEND_A, sources=nets("192.0.2.0/24")))
+        assert stale_flow_filters(old=old, new=new) == (
+            FlowFilter(external=E1, keep_targets=frozenset({BACKEND_A}), keep_sources=None),
+        ), before
+
+
+def test_a_virtual_filter_says_so_instead_of_naming_targets() -> None:
+    flt = FlowFilter(external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=None, check_targets=False)
+    assert str(flt) == f"{E1} (keep targets=virtual sources=any)"
+    assert str(FlowFilter(external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=None)) == (
+        f"{E1} (keep targets={CLUSTER_IP} sources=any)"
+    )
+
+
+def dumped(source: IPv4Address, to: ExternalEndpoint, reply: Target) -> _Flow:
+    """A dumped entry from `source` to `to` that the kernel answered from `reply`."""
+    return _Flow(
+        protocol=to.protocol,
+        source=source,
+        source_port=40000,
+        destination=to.address,
+        destination_port=to.port,
+        reply_source=reply.address,
+        reply_source_port=reply.port,
+        mark=MARK,
+        status=0,
+        id=1,
+        zone=None,
+    )
+
+
+AS_IS = Target(address=E1.address, port=E1.port)  # the reply source of a flow never DNATed
+VIRTUAL = FlowFilter(
+    external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=nets("192.0.2.2/32"), check_targets=False
+)
+
+
+def test_doom_keeps_a_flow_to_a_pod_behind_a_virtual_target() -> None:
+    assert _doom(dumped(CLIENT_1, E1, BACKEND_A), VIRTUAL) is None
+    assert _doom(dumped(CLIENT_1, E1, CLUSTER_IP), VIRTUAL) is None  # no second NAT layer
+    # Judged by target, the same flow would go: what restarts did to every service-mode flow.
+    by_target = FlowFilter(external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=None)
+    assert _doom(dumped(CLIENT_1, E1, BACKEND_A), by_target) == ("target", BACKEND_A)
+
+
+def test_doom_deletes_flows_to_a_virtual_target_never_dnated_or_from_outside() -> None:
+    assert _doom(dumped(CLIENT_1, E1, AS_IS), VIRTUAL) == ("target", AS_IS)
+    assert _doom(dumped(CLIENT_2, E1, BACKEND_A), VIRTUAL) == ("source", CLIENT_2)
+    assert _doom(dumped(CLIENT_2, E1, AS_IS), VIRTUAL) == ("target", AS_IS)
 
 
 # -- ConntrackEdge against real flows: root and network namespaces ---------------------------
@@ -715,6 +831,61 @@ async def test_tcp_and_sctp_flows_to_a_lost_target_are_deleted_like_udp(
     left = (await edge._flows_to([external, same_port_udp]))
     assert sorted(f.source_port for f in left[external]) == [31000, 31001, 31002]
     assert len(left[same_port_udp]) == 2
+
+
+@kernel
+@pytest.mark.kernel
+@pytest.mark.usefixtures("backends")
+@PATHS
+async def test_flows_to_a_virtual_target_survive_a_restart_and_go_by_source_only(
+    lab: Lab,
+    edge: ConntrackEdge,
+    table: AsyncConntrack,
+    client_factory: Callable[[IPv4Address, int], Client],
+    filtered: bool,
+) -> None:
+    # mode: service on an appliance: smartnatd DNATs to the ClusterIP, then IPVS on the box
+    # picks a pod, so conntrack's reply source is the pod. The router here DNATs E1 straight to
+    # A, which leaves the same entry: a reply source other than the target smartnatd keeps.
+    choose_delete_path(edge, filtered=filtered)
+    set_rules(lab.router, [Rule(E1, BACKEND_A)])
+    inside, outside = client_factory(CLIENT_1, 41700), client_factory(CLIENT_2, 41700)
+    assert await inside.ask(E1) == "A"
+    assert await outside.ask(E1) == "A"
+    # Datagrams that reached the box before the Mapping existed and were never DNATed: 20 of
+    # them, enough for one kernel-side delete selecting by reply source.
+    for port in range(33000, 33020):
+        await add_flow(table, external=E1, source=CLIENT_1, port=port, target=Target(E1.address, E1.port))
+    live = {}
+    for c in (inside, outside):
+        entry = await flow_of(table, c, E1)
+        assert entry is not None and entry.tuple_reply.saddr == str(BACKEND_A.address)
+        live[c] = entry.id
+
+    # The first pass after a daemon restart keeps every DNATed flow from an allowed source.
+    served = state(dnat(E1, CLUSTER_IP, virtual=True))
+    (flt,) = stale_flow_filters(old=None, new=served)
+    assert flt.keep_targets == frozenset({CLUSTER_IP}) and not flt.check_targets
+
+    assert await edge.delete([flt]) == 20
+
+    assert len(await flows(table, to=E1)) == 2
+    for c, flow_id in live.items():
+        kept = await flow_of(table, c, E1)
+        assert kept is not None and kept.id == flow_id
+        assert await c.ask(E1) == "A"
+
+    # allowedSources narrowed to CLIENT_1: the other source's flow goes, whatever its target.
+    allowed = IPv4Network(f"{CLIENT_1}/32")
+    set_rules(lab.router, [Rule(E1, BACKEND_A, allowed=allowed)])
+    narrowed = state(dnat(E1, CLUSTER_IP, sources=(allowed,), virtual=True))
+
+    assert await edge.delete(stale_flow_filters(old=served, new=narrowed)) == 1
+
+    assert await flow_of(table, outside, E1) is None
+    kept = await flow_of(table, inside, E1)
+    assert kept is not None and kept.id == live[inside]
+    assert await inside.ask(E1) == "A"
 
 
 @kernel
