@@ -38,7 +38,7 @@ import random
 import re
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -510,6 +510,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
     host: str = '127.0.0.1'
     port: int | None = None  # None: a free port, kept across stop()/start()
     clock: Callable[[], datetime.datetime] = _utcnow  # creation/deletion timestamps
+    # kmock matches each request against its reactions by scanning every request it has kept,
+    # so a long run (a benchmark's tens of thousands of writes) slows down quadratically.
+    # None keeps all of them, as kmock does; a number keeps about that many of the newest
+    # (kmock's own request views then see only those, so sliced reactions such as
+    # `api['patch'][:1] << 503` count from the oldest kept request; `recorded()` keeps everything).
+    kmock_history: int | None = None
 
     _specs: dict[tuple[str, str, str], ResourceSpec] = attrs.field(factory=dict, init=False)
     _rv: int = attrs.field(default=_FIRST_RESOURCE_VERSION, init=False)
@@ -750,6 +756,20 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def clear_recorded(self) -> None:
         self._recorded.clear()
 
+    def preload(self, resource: ResourceSpec | str, bodies: Iterable[Mapping[str, Any]]) -> int:
+        """Create many objects at once without HTTP (benchmark set-up before clients connect).
+
+        Each gets the server-side fields and the change record `create_object` would give it;
+        the namespace comes from the body. Returns how many were created.
+        """
+        spec = self.spec(resource)
+        created = 0
+        for body in bodies:
+            namespace = (body.get('metadata') or {}).get('namespace') if spec.namespaced else None
+            self._create(spec, namespace, dict(body))
+            created += 1
+        return created
+
     # --- "another client": helpers over HTTP, so watches see their changes -------------
 
     async def create_object(self, resource: ResourceSpec | str, body: Mapping[str, Any], *,
@@ -838,6 +858,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # --- request entry -----------------------------------------------------------------
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if self.kmock_history is not None and len(self._requests) > 2 * self.kmock_history:
+            del self._requests[:-self.kmock_history]
         rec = self._record(request)
         _serving.set(rec)
         try:

@@ -662,6 +662,18 @@ async def test_scripted_kmock_reactions_come_first_and_change_nothing(
     assert kube_api.objects[MAPPINGS.resource, NS, 'm1'] >= {'spec': {'port': 81}}
 
 
+@pytest.mark.kube_api(kmock_history=2)
+async def test_bounded_kmock_history_keeps_serving_and_recording(
+        kube_api: KubeEmulator, crd: client.CustomObjectsApi) -> None:
+    await kube_api.create_object(MAPPINGS, mapping('m1'), namespace=NS)
+    for port in range(81, 91):
+        await crd.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, 'm1', {'spec': {'port': port}},
+                                                 _content_type=MERGE_PATCH)
+    assert len(kube_api._requests) <= 2 * 2 + 1  # trimmed, so matching stays cheap
+    assert len(kube_api.recorded(verb='patch')) == 10  # the emulator's own record keeps everything
+    assert kube_api.objects[MAPPINGS.resource, NS, 'm1'] >= {'spec': {'port': 90}}
+
+
 async def test_discovery_lists_the_declared_resources(kube_api: KubeEmulator, kube_client: ApiClient) -> None:
     groups = await client.ApisApi(kube_client).get_api_versions()
     assert {g.name for g in groups.groups} >= {GROUP, 'coordination.k8s.io', 'discovery.k8s.io'}
