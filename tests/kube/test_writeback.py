@@ -202,9 +202,9 @@ async def test_events_on_transitions_only_and_none_after_a_restart(kube_api: Kub
     await ap1.stop()
     restarted = await appliances('ap1')  # a new process: no previous plan, the status shows it all
     await caught_up(kube_api, restarted)
-    before = len(kube_api.recorded(verb='patch'))
+    before = len(kube_api.recorded(verb='patch', resource=MAPPINGS))
     await restarted.sync()
-    assert len(kube_api.recorded(verb='patch')) == before
+    assert len(kube_api.recorded(verb='patch', resource=MAPPINGS)) == before
     assert len(events(kube_api)) == 2
 
     await kube_api.create_object(SERVICES, service_body())
@@ -244,10 +244,10 @@ async def test_conflicts_across_namespaces_the_oldest_wins_and_both_appliances_a
     assert [e for e in events(kube_api) if e[1] == 'EndpointConflict'] == [
         ('Warning', 'EndpointConflict', 'port 80/TCP on 192.0.2.10 is already mapped by team-b/web')]
     # Settled: nobody writes any more.
-    settled = len(kube_api.recorded(verb='patch'))
+    settled = len(kube_api.recorded(verb='patch', resource=MAPPINGS))
     await caught_up(kube_api, ap1, ap2)
     await asyncio.gather(ap1.sync(), ap2.sync())
-    assert len(kube_api.recorded(verb='patch')) == settled
+    assert len(kube_api.recorded(verb='patch', resource=MAPPINGS)) == settled
 
 
 async def test_a_failed_write_is_retried_on_a_later_pass(kube_api: KubeEmulator, appliances: Any) -> None:
@@ -439,11 +439,11 @@ async def test_without_a_status_subresource_status_goes_with_the_object_and_that
     assert len(status_tries) == 1 and status_tries[0].status == 404  # found out once
     assert current(kube_api, 'other')['status']['appliances']['ap1']['configured'] == ['192.0.2.10:81/tcp']
 
-    patches = len(kube_api.recorded(verb='patch'))
+    patches = len(kube_api.recorded(verb='patch', resource=MAPPINGS))
     for _ in range(2):
         await caught_up(kube_api, ap1)
         await ap1.sync()
-    assert len(kube_api.recorded(verb='patch')) == patches
+    assert len(kube_api.recorded(verb='patch', resource=MAPPINGS)) == patches
 
     await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
     await caught_up(kube_api, ap1)
