@@ -1,7 +1,11 @@
-"""dirty -> debounce -> snapshot -> plan -> apply -> write back; one pass at a time.
+"""dirty -> debounce -> snapshot -> plan -> apply, one pass at a time; write-back beside it.
 
 The reconciler is the only caller of plan, apply and write-back. A failed pass keeps the last
 good kernel state and status, is retried with capped backoff, and makes the next pass full.
+
+Write-back runs in its own task and always publishes the newest applied plan: the API server
+can be slow (the first pass after a start writes thousands of statuses), and the kernel must
+not wait for it. Plans applied while a publish is in flight are folded into the next one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
+PUBLISH_DRAIN = 5.0  # seconds a stopping daemon gives write-back to publish the last pass
 
 
 class Writeback(Protocol):
@@ -90,6 +95,8 @@ class Reconciler:
         self._planner = IncrementalPlanner(settings)  # re-decides only what the store says changed
         self._last_full = 0.0
         self._backoff = 0.0
+        self.published: Plan | None = None  # the plan write-back last published
+        self._to_publish = asyncio.Event()
 
     def _publish(self, **changes: object) -> None:
         from dataclasses import replace
@@ -97,6 +104,35 @@ class Reconciler:
         self.health = replace(self.health, loop_heartbeat=self._clock(), **changes)  # type: ignore[arg-type]
 
     async def run(self, *, stop: asyncio.Event, watchdog_interval: float | None = None) -> None:
+        async with asyncio.TaskGroup() as tg:
+            publisher = tg.create_task(self.publish_forever(), name="writeback")
+            try:
+                await self._loop(stop=stop, watchdog_interval=watchdog_interval)
+            finally:
+                await self._drain(publisher)
+
+    async def _drain(self, publisher: asyncio.Task[None]) -> None:
+        """Let write-back publish the last applied plan, for a bounded time, then stop it."""
+        try:
+            async with asyncio.timeout(PUBLISH_DRAIN):
+                while (self.plan is not self.published or self._to_publish.is_set()) and not publisher.done():
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            logger.warning("write-back not finished after %.0fs; the next start publishes the rest", PUBLISH_DRAIN)
+        publisher.cancel()
+
+    async def publish_forever(self) -> None:
+        """Publish the newest applied plan whenever a pass applied one."""
+        while True:
+            await self._to_publish.wait()
+            self._to_publish.clear()
+            plan = self.plan
+            if plan is None or plan is self.published:
+                continue
+            await self._writeback.publish(plan, previous=self.published)
+            self.published = plan
+
+    async def _loop(self, *, stop: asyncio.Event, watchdog_interval: float | None) -> None:
         tick = min(watchdog_interval or 5.0, 5.0)
         while not self._store.is_synced:
             self._publish(unsynced=tuple(self._store.unsynced()))
@@ -155,8 +191,8 @@ class Reconciler:
         self._backoff = 0.0
         if report.full:
             self._last_full = self._clock()
-        previous, self.plan = self.plan, new_plan
-        await self._writeback.publish(new_plan, previous=previous)
+        self.plan = new_plan
+        self._to_publish.set()
         took = self._clock() - started
         counts = Counter(str(v.kind) for v in new_plan.verdicts)
         first = not self.health.ready
