@@ -37,6 +37,10 @@ class ApplyReport:
         return self.nft_operations > 0 or self.flows_deleted > 0 or self.routing.changes > 0
 
 
+def _clip(text: str, limit: int = 4000) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}\n... ({len(text) - limit} more characters)"
+
+
 class Dataplane:
     def __init__(
         self,
@@ -87,8 +91,14 @@ class Dataplane:
         step = None if full or self._applied is None else self._renderer.diff(self._applied, ruleset)
         if step is None:
             text, after, ops, is_full = ruleset.text(), ruleset, max(1, len(ruleset.sets)), True
+            if self._applied is not None and ruleset == self._applied:
+                # A periodic resync of an unchanged plan: the transaction still runs (it repairs
+                # drift nobody told us about) but it is not a change worth reporting.
+                ops = 0
         else:
             text, after, ops, is_full = step.text, step.after, step.operations, False
+            if text and logger.isEnabledFor(logging.DEBUG):
+                logger.debug("nft transaction:\n%s", _clip(text))
         try:
             if text:
                 await loop.run_in_executor(None, self._runner.run, text)

@@ -17,6 +17,7 @@ from pyroute2 import AsyncIPRoute
 from smartnatd.dataplane import Dataplane
 from smartnatd.host import discover
 from smartnatd.model import Snapshot
+from smartnatd.nft import names
 from smartnatd.planner import Plan, VerdictKind, plan
 from smartnatd.settings import Settings
 from tests.builders import endpoint_slice, mapping, service
@@ -256,11 +257,24 @@ async def test_reapplying_the_same_state_changes_nothing_and_keeps_connections(t
         report = appliance.last_report
         assert (report.full, report.nft_operations, report.routing.changes, report.flows_deleted) == (False, 0, 0, 0)
         await appliance.apply(mapping("web", mode="direct"), full=True, **objs)
+        # A periodic full pass of an unchanged plan runs, but reports no change (no log line).
+        assert (appliance.last_report.full, appliance.last_report.changed) == (True, False)
         assert appliance.ruleset() == listing
         assert sh(topology.appliance, "ip", "rule").stdout == rules
         assert parse_echo_reply(await asyncio.to_thread(conn.exchange, b"two")).name == "pod1"
     finally:
         conn.close()
+
+
+async def test_a_full_pass_repairs_a_table_someone_deleted(topology, echo_servers, appliance):
+    objs = dict(services=[web()], slices=[web_slice((POD1,))])
+    await appliance.apply(mapping("web", mode="direct"), **objs)
+    sh(topology.appliance, "nft", "delete", "table", names.FAMILY, names.TABLE)
+    assert await asyncio.to_thread(
+        expect_no_reply, tcp_request, topology.client, dst="192.0.2.10", port=80, src=topology.allowed_client, timeout=0.5
+    )
+    await appliance.apply(mapping("web", mode="direct"), full=True, **objs)
+    assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
 
 
 async def test_incremental_update_serves_a_new_mapping_and_removes_an_old_one(topology, echo_servers, appliance):
