@@ -78,7 +78,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.sync_duration = Histogram(
-            "smartnat_sync_duration_seconds", "Time of one pass: plan, apply, cleanup, write-back",
+            "smartnat_sync_duration_seconds", "Time of one pass: snapshot, plan, apply, conntrack cleanup (not write-back)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
         )
         self.syncs = Counter("smartnat_syncs", "Successful passes", ["type"], registry=r)
