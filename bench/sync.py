@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,7 @@ from smartnatd.model import (
 )
 from smartnatd.nft.render import render
 from smartnatd.planner import Plan, plan
+from smartnatd.daemon import GC_THRESHOLDS
 from smartnatd.reconciler import Reconciler
 from smartnatd.settings import Settings
 from smartnatd.store import Kind, Store
@@ -499,17 +501,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure single changes at sizes from this many Mappings up")
     parser.add_argument("--direct-percent", type=int, default=25,
                         help="share of Mappings in direct mode (each multi-pod one has its own backends chain)")
-    parser.add_argument("--gc-threshold", type=int, default=0,
-                        help="gc.set_threshold(N, 20, 10) first (default: leave Python's 700, 10, 10)")
+    parser.add_argument("--gc-threshold", type=int, default=-1,
+                        help="gc.set_threshold(N, 20, 10) first; 0: Python's default (700, 10, 10); "
+                             "default: the daemon's own thresholds")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C, so the namespaces are still deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if os.geteuid() != 0:
         print("bench/sync.py needs root (a network namespace and nftables)", file=sys.stderr)
         return 77
     logging.basicConfig(level=logging.WARNING)
-    if args.gc_threshold:
-        # Fewer young collections mean fewer full ones over a heap of 10^5-10^6 objects.
+    # As the daemon runs (smartnatd/daemon.py GC_THRESHOLDS) unless told otherwise.
+    if args.gc_threshold < 0:
+        gc.set_threshold(*GC_THRESHOLDS)
+    elif args.gc_threshold == 0:
+        gc.set_threshold(700, 10, 10)
+    else:
         gc.set_threshold(args.gc_threshold, 20, 10)
     started = time.time()
     results = asyncio.run(
