@@ -118,6 +118,10 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
         if now is None:
             filters.append(FlowFilter(external=external, keep_targets=None, keep_sources=None))
         elif was is None:
+            if new.drop_unmapped:
+                # Unmapped ports were dropped before conntrack confirmed a flow: nothing to find,
+                # and a look would walk the whole conntrack table for nothing.
+                continue
             # A new endpoint can have flows that were never DNATed: datagrams that reached the
             # box before the Mapping existed (drop_unmapped off) and that conntrack would keep
             # delivering locally. None of them goes to a target, so the filter deletes only them.

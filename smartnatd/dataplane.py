@@ -103,7 +103,13 @@ class Dataplane:
             if text:
                 await loop.run_in_executor(None, self._runner.run, text)
             self._applied = after
-            routing = await self._routing.apply(desired.return_paths)
+            if is_full or self._desired is None or desired.return_paths != self._desired.return_paths:
+                routing = await self._routing.apply(desired.return_paths)
+            else:
+                # Unchanged paths: reading every owned rule and route back costs more than the
+                # whole nft step of a small change. Drift (a route the kernel dropped with a
+                # flapping link) is repaired by the next full pass.
+                routing = RoutingReport()
         except DataplaneError:
             self._applied = None
             raise
@@ -128,7 +134,9 @@ class Dataplane:
             # Only Dnats that changed can need a filter: comparing these gives the same filters
             # as comparing every Dnat, without a pass over all of them.
             gone, came = changed
-            filters = stale_flow_filters(old=DesiredState(dnats=gone), new=DesiredState(dnats=came))
+            filters = stale_flow_filters(
+                old=DesiredState(dnats=gone), new=DesiredState(dnats=came, drop_unmapped=desired.drop_unmapped)
+            )
         try:
             deleted = await self._conntrack.delete(filters) if filters else 0
             if not self._swept:

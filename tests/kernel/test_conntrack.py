@@ -85,8 +85,9 @@ def dnat(
     )
 
 
-def state(*dnats: Dnat) -> DesiredState:
-    return DesiredState(dnats=tuple(sorted(dnats, key=lambda d: d.external)))
+def state(*dnats: Dnat, drop_unmapped: bool = False) -> DesiredState:
+    # drop_unmapped off: new endpoints may have flows from before their Mapping (see below).
+    return DesiredState(dnats=tuple(sorted(dnats, key=lambda d: d.external)), drop_unmapped=drop_unmapped)
 
 
 def nets(*texts: str) -> tuple[IPv4Network, ...]:
@@ -171,6 +172,13 @@ def test_added_endpoint_deletes_only_flows_not_going_to_its_targets() -> None:
     )
 
 
+def test_added_endpoint_needs_no_look_when_unmapped_ports_were_dropped() -> None:
+    # With drop_unmapped on, no flow to the new endpoint was ever confirmed: no filter, no walk.
+    old = state(dnat(E1, BACKEND_A), drop_unmapped=True)
+    new = state(dnat(E1, BACKEND_A), dnat(E2, BACKEND_B), drop_unmapped=True)
+    assert stale_flow_filters(old=old, new=new) == ()
+
+
 def test_protocol_is_part_of_the_endpoint() -> None:
     tcp = ExternalEndpoint(address=E1.address, protocol=Protocol.TCP, port=E1.port)
     filters = stale_flow_filters(old=state(dnat(E1, BACKEND_A)), new=state(dnat(tcp, BACKEND_A)))
@@ -241,7 +249,7 @@ def test_changed_virtual_target_deletes_every_flow_to_the_endpoint() -> None:
 
 def test_added_virtual_target_deletes_only_flows_never_dnated() -> None:
     new = state(dnat(E1, CLUSTER_IP, sources=nets("192.0.2.0/24"), virtual=True))
-    assert stale_flow_filters(old=DesiredState(), new=new) == (
+    assert stale_flow_filters(old=DesiredState(drop_unmapped=False), new=new) == (
         FlowFilter(external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=None, check_targets=False),
     )
 
