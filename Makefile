@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: deps venv test demo bench clean
+.PHONY: deps venv test demo bench bench-kube clean
 
 deps:
 	./scripts/install-deps.sh
@@ -23,7 +23,10 @@ demo: deps venv
 	$(VPY) -m examples.demo
 
 bench: deps venv
-	$(VPY) bench/sync.py
+	$(VPY) bench/sync.py $(BENCH_ARGS)
+
+bench-kube: deps venv
+	$(VPY) bench/kube_latency.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
