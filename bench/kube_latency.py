@@ -56,6 +56,7 @@ from tests.kernel.harness import (  # noqa: E402
     start_pod_echo_servers,
     tcp_request,
 )
+from common import exit_on_sigterm  # noqa: E402  (bench/common.py)
 from tests.kube.emulator import ENDPOINTSLICES, MAPPINGS, SERVICES, KubeEmulator  # noqa: E402
 
 SMARTNATD = Path(sys.executable).parent / "smartnatd"
@@ -149,20 +150,15 @@ class Daemon:
                 await asyncio.sleep(0.1)
         raise RuntimeError(f"not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
-    async def idle(self, quiet: float = 1.0, timeout: float = 600.0) -> float:
+    async def idle(self, quiet: float = 1.0) -> float:
         """Wait until no pass has run for `quiet` seconds (from /status); seconds it took."""
-        started = time.monotonic()
-        last, since = -1, time.monotonic()
         async with aiohttp.ClientSession() as session:
-            while time.monotonic() - started < timeout:
+
+            async def passes() -> int:
                 async with session.get(f"http://127.0.0.1:{self.port}/status") as response:
-                    passes = (await response.json())["passes"]
-                if passes != last:
-                    last, since = passes, time.monotonic()
-                elif time.monotonic() - since >= quiet:
-                    return since - started
-                await asyncio.sleep(0.05)
-        raise TimeoutError("the daemon never went idle")
+                    return int((await response.json())["passes"])
+
+            return await unchanged_for(passes, quiet=quiet, what="the daemon's passes")
 
     async def stop(self) -> None:
         if self.proc.poll() is None:
@@ -217,18 +213,28 @@ def served_by_bench(api: KubeEmulator, name: str) -> bool:
     return "bench" in ((obj.get("status") or {}).get("appliances") or {})
 
 
-async def settle(api: KubeEmulator, quiet: float = 0.3, timeout: float = 600.0) -> float:
-    """Wait until the daemon has written nothing for `quiet` seconds; seconds it took."""
+async def unchanged_for(read: Callable[[], Awaitable[int]], *, quiet: float, what: str,
+                        timeout: float = 600.0) -> float:
+    """Wait until `read()` gives the same count for `quiet` seconds; seconds until it last moved."""
     started = time.monotonic()
     last, since = -1, time.monotonic()
     while time.monotonic() - started < timeout:
-        count = len(api.recorded(verb="patch")) + len(api.recorded(verb="create"))
+        count = await read()
         if count != last:
             last, since = count, time.monotonic()
         elif time.monotonic() - since >= quiet:
             return since - started
         await asyncio.sleep(0.05)
-    raise TimeoutError("write-back never settled")
+    raise TimeoutError(f"{what} never settled")
+
+
+async def settle(api: KubeEmulator, quiet: float = 0.3) -> float:
+    """Wait until the daemon has written nothing for `quiet` seconds; seconds it took."""
+
+    async def writes() -> int:
+        return len(api.recorded(verb="patch")) + len(api.recorded(verb="create"))
+
+    return await unchanged_for(writes, quiet=quiet, what="write-back")
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -329,18 +335,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _exit_on_sigterm(main_pid: int) -> Callable[[int, Any], None]:
-    def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != main_pid:
-            # A child pyroute2 forked (to open a socket in a namespace) inherits this handler;
-            # it is ended with SIGTERM and must die of it, not unwind the benchmark's code.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        sys.exit(143)
-
-    return handler
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mappings", type=int, default=10_000)
@@ -351,7 +345,7 @@ def main() -> int:
     parser.add_argument("--keep-log", type=Path, help="copy the daemon's log here before its state dir goes")
     args = parser.parse_args()
     # SIGTERM (timeout, kill) unwinds like Ctrl-C, so the namespaces are still deleted.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm(os.getpid()))
+    signal.signal(signal.SIGTERM, exit_on_sigterm(os.getpid()))
     if os.geteuid() != 0:
         print("kube_latency.py needs root (network namespaces, nft)", file=sys.stderr)
         return 2

@@ -44,8 +44,10 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from common import exit_on_sigterm  # bench/common.py
 from pyroute2 import AsyncIPRoute
 
+from smartnatd.daemon import GC_THRESHOLDS
 from smartnatd.dataplane import Dataplane
 from smartnatd.host import discover
 from smartnatd.model import (
@@ -64,7 +66,6 @@ from smartnatd.model import (
 )
 from smartnatd.nft.render import render
 from smartnatd.planner import Plan, plan
-from smartnatd.daemon import GC_THRESHOLDS
 from smartnatd.reconciler import Reconciler
 from smartnatd.settings import Settings
 from smartnatd.store import Kind, Store
@@ -492,18 +493,6 @@ def print_table(results: dict[str, Any]) -> None:
                 print(f"{n:>9} {scenario:>9} {c['nft_operations']:>4} | " + " | ".join(cell(c[k]) for k in columns))
 
 
-def _exit_on_sigterm(main_pid: int) -> Callable[[int, Any], None]:
-    def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != main_pid:
-            # A child pyroute2 forked (to open a socket in a namespace) inherits this handler;
-            # it is ended with SIGTERM and must die of it, not unwind the benchmark's code.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        sys.exit(143)
-
-    return handler
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000,50000", help="comma-separated Mapping counts")
@@ -519,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
     # SIGTERM (timeout, kill) unwinds like Ctrl-C, so the namespaces are still deleted.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm(os.getpid()))
+    signal.signal(signal.SIGTERM, exit_on_sigterm(os.getpid()))
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if os.geteuid() != 0:
         print("bench/sync.py needs root (a network namespace and nftables)", file=sys.stderr)
