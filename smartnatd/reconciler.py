@@ -97,6 +97,10 @@ class Reconciler:
         self._backoff = 0.0
         self.published: Plan | None = None  # the plan write-back last published
         self._to_publish = asyncio.Event()
+        # Every successful pass asks for a publish, even of an unchanged plan: write-back's own
+        # retries (a conflict, a Lease to wait for) come back as a pass that changes nothing.
+        self._publish_asked = 0
+        self._publish_done = 0
 
     def _publish(self, **changes: object) -> None:
         from dataclasses import replace
@@ -115,22 +119,22 @@ class Reconciler:
         """Let write-back publish the last applied plan, for a bounded time, then stop it."""
         try:
             async with asyncio.timeout(PUBLISH_DRAIN):
-                while (self.plan is not self.published or self._to_publish.is_set()) and not publisher.done():
+                while self._publish_done < self._publish_asked and not publisher.done():
                     await asyncio.sleep(0.01)
         except TimeoutError:
             logger.warning("write-back not finished after %.0fs; the next start publishes the rest", PUBLISH_DRAIN)
         publisher.cancel()
 
     async def publish_forever(self) -> None:
-        """Publish the newest applied plan whenever a pass applied one."""
+        """Publish the newest applied plan after each successful pass (several fold into one)."""
         while True:
             await self._to_publish.wait()
             self._to_publish.clear()
-            plan = self.plan
-            if plan is None or plan is self.published:
+            asked, plan = self._publish_asked, self.plan
+            if plan is None:
                 continue
             await self._writeback.publish(plan, previous=self.published)
-            self.published = plan
+            self.published, self._publish_done = plan, asked
 
     async def _loop(self, *, stop: asyncio.Event, watchdog_interval: float | None) -> None:
         tick = min(watchdog_interval or 5.0, 5.0)
@@ -192,6 +196,7 @@ class Reconciler:
         if report.full:
             self._last_full = self._clock()
         self.plan = new_plan
+        self._publish_asked += 1
         self._to_publish.set()
         took = self._clock() - started
         counts = Counter(str(v.kind) for v in new_plan.verdicts)

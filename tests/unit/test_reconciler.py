@@ -122,3 +122,31 @@ async def test_stopping_publishes_the_last_applied_plan(store: Store) -> None:
     await asyncio.wait_for(task, 5)
     assert reconciler.published is reconciler.plan
     assert ports(writeback.calls[-1][0]) == [90]
+
+
+async def test_a_pass_that_changes_nothing_still_publishes_so_write_back_can_retry(store: Store) -> None:
+    # KubeWriteback asks for a retry (a 409, a Lease to wait for) by marking the store dirty;
+    # the pass that follows has the very same plan, and write-back must still get it.
+    dataplane, notifier = RecordingDataplane(), Notifier()
+
+    class RetryingWriteback:
+        def __init__(self) -> None:
+            self.calls: list[tuple[Plan, Plan | None]] = []
+
+        async def publish(self, plan: Plan, *, previous: Plan | None) -> None:
+            self.calls.append((plan, previous))
+            if len(self.calls) == 1:
+                store.dirty.set()  # what writeback.Timer does when a retry is due
+
+    writeback = RetryingWriteback()
+    reconciler = Reconciler(store=store, dataplane=dataplane, settings=SETTINGS,  # type: ignore[arg-type]
+                            writeback=writeback, notifier=notifier)
+    stop = asyncio.Event()
+    task = asyncio.create_task(reconciler.run(stop=stop))
+    try:
+        await until(lambda: len(writeback.calls) >= 2)
+        (first, none), (again, previous) = writeback.calls[:2]
+        assert none is None and again is first and previous is first
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
