@@ -170,7 +170,9 @@ async def test_mapping_service_and_endpoints_from_the_api_drive_the_kernel(
     assert kube_api.current(MAPPINGS, "echo", namespace=NS)["metadata"]["finalizers"] == [FINALIZER]
     assert kube_api.current(LEASES, "smartnat-e2e", namespace="kube-node-lease")["spec"]["holderIdentity"] == "e2e"
 
-    # Scaled: pod2 joins the EndpointSlice, new connections reach it.
+    # Scaled: pod2 joins the EndpointSlice, new connections reach it. The first status patch
+    # for it meets a conflict: write-back retries on a later pass that changes nothing else.
+    conflict = kube_api.fail_next(status=409, verb="patch", resource=MAPPINGS, subresource="status")
     await kube_api.patch_object(ENDPOINTSLICES, "echo-1", {"endpoints": [
         {"addresses": ["10.244.1.2"], "conditions": {"ready": True}},
         {"addresses": ["10.244.2.2"], "conditions": {"ready": True}}]}, namespace=NS)
@@ -178,6 +180,7 @@ async def test_mapping_service_and_endpoints_from_the_api_drive_the_kernel(
     await async_wait_until(
         lambda: mapping_status(kube_api)["configuredAddresses"][ADDRESS]["podIPs"] == ["10.244.1.2", "10.244.2.2"],
         timeout=5, message="podIPs updated")
+    assert conflict.remaining == 0, "the status patch never met the injected conflict"
 
     # The API server goes away: the kernel keeps serving what it had.
     kube_api.api_down()
