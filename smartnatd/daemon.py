@@ -112,14 +112,16 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
         writeback = kube.writeback
     else:
         writeback = LogWriteback()
-    reconciler = Reconciler(store=store, dataplane=dataplane, settings=settings, writeback=writeback, notifier=notifier)
     metrics = Metrics(health=lambda: reconciler.health, counters=nft_counter_reader(dataplane.runner))
+
     def after_pass(report: ApplyReport | None, took: float, ok: bool) -> None:
         metrics.observe_pass(report, took, ok)
         if ok and report is not None and report.full:
             settle_heap()
 
-    reconciler._on_pass = after_pass
+    reconciler = Reconciler(
+        store=store, dataplane=dataplane, settings=settings, writeback=writeback, notifier=notifier, on_pass=after_pass
+    )
     watchdog = notifier.watchdog_interval or 10.0
     app = build_app(
         health=lambda: reconciler.health,
