@@ -97,6 +97,7 @@ class Plan:
 
 
 Order = tuple[str, str, str]  # a Mapping's place in the conflict order; unique per key
+EndpointKey = tuple[int, str, int]  # an ExternalEndpoint as a cheap dict key in its own order
 
 
 def _order(mapping: Mapping) -> Order:
@@ -112,6 +113,10 @@ def _key_order(key: ObjectKey) -> tuple[str, str]:
 
 def _endpoint_order(e: ExternalEndpoint) -> tuple[int, str, int]:
     return (int(e.address), e.protocol, e.port)
+
+
+def _first(cell: tuple[Any, ...]) -> Any:
+    return cell[0]
 
 
 def gateway_of(address: IPv4Interface, offset: int) -> IPv4Address:
@@ -170,13 +175,20 @@ def _service_port(service: Service, port: int, protocol: str) -> ServicePort | N
     return None
 
 
+# Addresses are deduplicated and sorted by their integer: an IPv4Address hashes and compares in
+# Python, an int in C, and for IPv4 alone the two orders are the same.
+
+
 def _ready_ips(slices: Iterable[EndpointSlice]) -> tuple[IPv4Address, ...]:
-    return tuple(sorted({a for s in slices for e in s.endpoints if e.ready for a in e.addresses}))
+    ready = {int(a): a for s in slices for e in s.endpoints if e.ready for a in e.addresses}
+    if len(ready) < 2:
+        return tuple(ready.values())
+    return tuple(map(ready.__getitem__, sorted(ready)))
 
 
 def _endpoint_targets(slices: Iterable[EndpointSlice], sp: ServicePort) -> tuple[Target, ...]:
     """Ready endpoints for one Service port, its targetPort resolved through the slices' ports."""
-    targets: set[Target] = set()
+    targets: dict[tuple[int, int], Target] = {}
     for s in slices:
         port: int | None = None
         for ep in s.ports:
@@ -189,12 +201,22 @@ def _endpoint_targets(slices: Iterable[EndpointSlice], sp: ServicePort) -> tuple
             continue
         for e in s.endpoints:
             if e.ready:
-                targets.update(Target(a, port) for a in e.addresses)
-    return tuple(sorted(targets))
+                for a in e.addresses:
+                    key = (int(a), port)  # Target's own order, cheaper to hash and sort
+                    if key not in targets:
+                        targets[key] = Target(a, port)
+    return tuple(map(targets.__getitem__, sorted(targets)))
 
 
-def _claims(spec: MappingSpec) -> list[ExternalEndpoint]:
-    return [ExternalEndpoint(a, p.protocol, p.port) for a in spec.addresses for p in spec.ports]
+def _claims(spec: MappingSpec) -> list[tuple[EndpointKey, IPv4Address]]:
+    """The endpoints a Mapping claims, in claim order, each as its key with its address: the
+    ExternalEndpoint itself is made only for the conflict that names it."""
+    ips = [(int(a), a) for a in spec.addresses]
+    return [((ip, p.protocol, p.port), a) for ip, a in ips for p in spec.ports]
+
+
+def _endpoint(ek: EndpointKey, address: IPv4Address) -> ExternalEndpoint:
+    return ExternalEndpoint(address, ek[1], ek[2])  # type: ignore[arg-type]
 
 
 def _service_key(m: Mapping, spec: MappingSpec) -> ObjectKey:
@@ -216,6 +238,9 @@ class _HostView:
     path_of: dict[str, ReturnPath]
     managed: tuple[IPv4Address, ...]
     interfaces: tuple[str, ...]
+    # served addresses -> (their interface's name, the address as text): what _serve() reads,
+    # in one lookup, and without formatting the same few addresses again for every Mapping.
+    spots: dict[IPv4Address, tuple[str, str]]
 
     def place(self, address: IPv4Address) -> tuple[str, ReturnPath] | None:
         """Everything a Mapping's outcome reads about one of its addresses."""
@@ -238,6 +263,7 @@ def _host_view(host: Host, settings: Settings) -> _HostView:
         path_of={p.interface: p for p in paths},
         managed=tuple(sorted(local)),
         interfaces=tuple(sorted(usable)),
+        spots={a: (iface.name, str(a)) for a, iface in local.items()},
     )
 
 
@@ -338,8 +364,8 @@ def _serve(
             )
         targets_per_port.append(targets)
 
-    local = view.local
-    here = tuple(a for a in spec.addresses if a in local)
+    spots = view.spots
+    here = [(a, spot) for a in spec.addresses if (spot := spots.get(a)) is not None]
     if not here:
         listed = ", ".join(str(a) for a in spec.addresses)
         return _Outcome(
@@ -351,33 +377,48 @@ def _serve(
                 pod_ips=pod_ips,
             )
         )
-    served = tuple(sorted((ExternalEndpoint(a, p.protocol, p.port) for a in here for p in spec.ports), key=_endpoint_order))
-    verdict = _verdict(
-        m,
-        VerdictKind.CONFIGURED,
-        "serving " + ", ".join(str(e) for e in served),
+    # Each endpoint once, with its sort key and its text (ExternalEndpoint.__str__, from the
+    # address text the view holds); rows by address, columns by port.
+    ports = spec.ports
+    rows = []
+    for a, (_, text) in here:
+        ip = int(a)
+        rows.append([((ip, p.protocol, p.port), ExternalEndpoint(a, p.protocol, p.port), f"{text}:{p.port}/{p.protocol}") for p in ports])
+    flat = [cell for row in rows for cell in row]
+    if len(flat) > 1:
+        flat.sort(key=_first)
+    served = tuple([cell[1] for cell in flat])
+    verdict = Verdict(
+        key=m.key,
+        kind=VerdictKind.CONFIGURED,
+        reason="serving " + ", ".join([cell[2] for cell in flat]),
+        event_reason=EVENT_REASONS[VerdictKind.CONFIGURED],
         served=served,
-        addresses=here,
+        addresses=tuple([a for a, _ in here]),
         service_vip=service.cluster_ip,
         pod_ips=pod_ips,
     )
+    virtual = spec.mode == Mode.SERVICE
+    allowed, owner = spec.allowed_sources, m.key
     dnats = tuple(
-        Dnat(
-            external=ExternalEndpoint(a, p.protocol, p.port),
-            targets=targets,
-            allowed_sources=spec.allowed_sources,
-            owner=m.key,
-            interface=local[a].name,
-            virtual_target=spec.mode == Mode.SERVICE,
-        )
-        for p, targets in zip(spec.ports, targets_per_port)
-        for a in here
+        [
+            Dnat(
+                external=row[i][1],
+                targets=targets,
+                allowed_sources=allowed,
+                owner=owner,
+                interface=spot[0],
+                virtual_target=virtual,
+            )
+            for i, targets in enumerate(targets_per_port)
+            for row, (_, spot) in zip(rows, here)
+        ]
     )
     egress: tuple[EgressSnat, ...] = ()
     if settings.setup_snat:
         # Egress leaves with the Mapping's first served address.
-        first = here[0]
-        path = view.path_of[local[first].name]
+        first, (name, _) = here[0]
+        path = view.path_of[name]
         egress = tuple(EgressSnat(ip, first, path.interface, path.mark, m.key) for ip in pod_ips)
     return _Outcome(verdict, dnats, egress)
 
@@ -410,7 +451,7 @@ def plan(snapshot: Snapshot, settings: Settings) -> Plan:
         mappings.setdefault(m.key, m)
 
     verdicts: dict[MappingKey, Verdict] = {}
-    claimed: dict[ExternalEndpoint, MappingKey] = {}
+    claimed: dict[EndpointKey, MappingKey] = {}
     dnats: list[Dnat] = []
     egress: dict[IPv4Address, EgressSnat] = {}
     for m in sorted(mappings.values(), key=_order):
@@ -420,12 +461,12 @@ def plan(snapshot: Snapshot, settings: Settings) -> Plan:
             continue
         # Claims are cluster-wide so every appliance agrees on who owns an endpoint.
         claims = _claims(spec)
-        taken = next(((ext, claimed[ext]) for ext in claims if ext in claimed), None)
+        taken = next(((ek, a) for ek, a in claims if ek in claimed), None)
         if taken is not None:
-            verdicts[m.key] = _conflict(m, *taken)
+            verdicts[m.key] = _conflict(m, _endpoint(*taken), claimed[taken[0]])
             continue
-        for ext in claims:
-            claimed[ext] = m.key
+        for ek, _ in claims:
+            claimed[ek] = m.key
         service_key = _service_key(m, spec)
         outcome = _serve(m, spec, services.get(service_key), slices.get(service_key, ()), view, settings)
         verdicts[m.key] = outcome.verdict
@@ -477,7 +518,6 @@ class SnapshotChanges(Protocol):
 
 K = TypeVar("K")
 V = TypeVar("V")
-EndpointKey = tuple[int, str, int]  # an ExternalEndpoint as a cheap dict key in its own order
 
 # Above this many insertions and removals in one pass, re-sorting a key list beats bisecting.
 _RESORT = 256
@@ -561,7 +601,7 @@ class IncrementalPlanner:
         self._by_address: dict[int, set[MappingKey]] = {}
         # Claims: each eligible Mapping's endpoints and, per endpoint, its claimants by age.
         self._order: dict[MappingKey, Order] = {}
-        self._claims: dict[MappingKey, tuple[tuple[EndpointKey, ExternalEndpoint], ...]] = {}
+        self._claims: dict[MappingKey, tuple[tuple[EndpointKey, IPv4Address], ...]] = {}
         self._claimants: dict[EndpointKey, list[Order]] = {}
         self._taken: dict[MappingKey, tuple[ExternalEndpoint, MappingKey] | None] = {}  # None: it wins
         # Outcomes and the plan assembled from them.
@@ -602,16 +642,19 @@ class IncrementalPlanner:
         egress: set[int] = set()
         for m in sorted(mappings.values(), key=_order):  # type: ignore[arg-type]
             key = m.key
+            order = _order(m)  # type: ignore[arg-type]
             self._mappings[key] = m  # type: ignore[index]
-            self._learn(m, append=True)  # type: ignore[arg-type]
+            self._learn(m, order, append=True)  # type: ignore[arg-type]
             claims = self._claims.get(key)  # type: ignore[arg-type]
             if claims is not None:
-                taken = next(((ext, claimed[ek]) for ek, ext in claims if ek in claimed), None)
-                self._taken[key] = taken  # type: ignore[index]
+                taken = next(((ek, a) for ek, a in claims if ek in claimed), None)
                 if taken is None:
+                    self._taken[key] = None  # type: ignore[index]
                     for ek, _ in claims:
                         claimed[ek] = key  # type: ignore[assignment]
-            self._add(key, _order(m), self._outcome(m), egress)  # type: ignore[arg-type]
+                else:
+                    self._taken[key] = (_endpoint(*taken), claimed[taken[0]])  # type: ignore[index]
+            self._add(key, order, self._outcome(m), egress)  # type: ignore[arg-type]
         self._elect(egress)
         return self._assemble()
 
@@ -649,7 +692,7 @@ class IncrementalPlanner:
                 contested.update(self._forget(old_m))
             if m is not None:
                 self._mappings[key] = m
-                contested.update(self._learn(m))
+                contested.update(self._learn(m, _order(m)))
             redo.add(key)
         redo |= self._resolve(contested, changes.mappings.keys())
         self._redo(redo)
@@ -670,7 +713,7 @@ class IncrementalPlanner:
 
     # -- indexes and claims
 
-    def _learn(self, m: Mapping, *, append: bool = False) -> Iterable[EndpointKey]:
+    def _learn(self, m: Mapping, order: Order, *, append: bool = False) -> Iterable[EndpointKey]:
         """Index a Mapping; returns the endpoints it claims. `append`: Mappings come in age
         order, so each joins the end of its endpoints' claimant lists."""
         spec = m.spec
@@ -681,8 +724,7 @@ class IncrementalPlanner:
             self._by_address.setdefault(int(a), set()).add(m.key)
         if _eligible(m, self._settings) is None:
             return ()
-        order = _order(m)
-        claims = {_endpoint_order(ext): ext for ext in _claims(spec)}  # in claim order, once each
+        claims = dict(_claims(spec))  # in claim order, once each
         self._order[m.key] = order
         self._claims[m.key] = tuple(claims.items())
         for ek in claims:
@@ -714,13 +756,13 @@ class IncrementalPlanner:
         """The first of its endpoints (in claim order) already held by an older winner, with
         that winner: what plan() finds in `claimed` when it reaches this Mapping."""
         order = self._order[key]
-        for ek, ext in self._claims[key]:
+        for ek, address in self._claims[key]:
             for other in self._claimants[ek]:
                 if other >= order:
                     break
                 other_key = ObjectKey(other[1], other[2])
                 if self._taken.get(other_key, True) is None:
-                    return ext, other_key
+                    return _endpoint(ek, address), other_key
         return None
 
     def _resolve(self, contested: set[EndpointKey], changed: Iterable[MappingKey]) -> set[MappingKey]:
@@ -821,11 +863,15 @@ class IncrementalPlanner:
 def _dnat_keys(dnats: tuple[Dnat, ...]) -> list[tuple[tuple[int, str, int, int], Dnat]]:
     """Each Dnat keyed by its endpoint in sort order, plus a count that keeps apart the Dnats
     of a spec listing one endpoint twice (plan() keeps both, in spec order)."""
-    seen: dict[ExternalEndpoint, int] = {}
+    if len(dnats) == 1:  # the common case: nothing to keep apart
+        d = dnats[0]
+        return [((*_endpoint_order(d.external), 0), d)]
+    seen: dict[EndpointKey, int] = {}
     keyed = []
     for d in dnats:
-        n = seen[d.external] = seen.get(d.external, -1) + 1
-        keyed.append(((*_endpoint_order(d.external), n), d))
+        ek = _endpoint_order(d.external)  # equal keys for equal endpoints, hashed in C
+        n = seen[ek] = seen.get(ek, -1) + 1
+        keyed.append(((*ek, n), d))
     return keyed
 
 
