@@ -109,7 +109,9 @@ def test_lost_target_keeps_the_still_wanted_targets() -> None:
     old = state(dnat(E1, BACKEND_A, BACKEND_B))
     new = state(dnat(E1, BACKEND_B))
     assert stale_flow_filters(old=old, new=new) == (
-        FlowFilter(external=E1, keep_targets=frozenset({BACKEND_B}), keep_sources=None),
+        FlowFilter(
+            external=E1, keep_targets=frozenset({BACKEND_B}), keep_sources=None, lost_targets=frozenset({BACKEND_A})
+        ),
     )
 
 
@@ -117,6 +119,7 @@ def test_replaced_target_port_counts_as_a_lost_target() -> None:
     moved = Target(address=BACKEND_A.address, port=7001)
     (flt,) = stale_flow_filters(old=state(dnat(E1, BACKEND_A)), new=state(dnat(E1, moved)))
     assert flt.keep_targets == frozenset({moved})
+    assert flt.lost_targets == frozenset({BACKEND_A})
 
 
 def test_added_targets_alone_need_no_filter() -> None:
@@ -129,7 +132,9 @@ def test_shrunk_sources_keep_only_allowed_sources() -> None:
     old = state(dnat(E1, BACKEND_A, sources=nets("192.0.2.0/24")))
     new = state(dnat(E1, BACKEND_A, sources=nets("192.0.2.0/25")))
     assert stale_flow_filters(old=old, new=new) == (
-        FlowFilter(external=E1, keep_targets=frozenset({BACKEND_A}), keep_sources=nets("192.0.2.0/25")),
+        FlowFilter(
+            external=E1, keep_targets=frozenset({BACKEND_A}), keep_sources=nets("192.0.2.0/25"), lost_targets=frozenset()
+        ),
     )
 
 
@@ -159,7 +164,12 @@ def test_lost_target_and_shrunk_sources_make_one_filter() -> None:
     old = state(dnat(E1, BACKEND_A, BACKEND_B))
     new = state(dnat(E1, BACKEND_B, sources=nets("192.0.2.0/24")))
     assert stale_flow_filters(old=old, new=new) == (
-        FlowFilter(external=E1, keep_targets=frozenset({BACKEND_B}), keep_sources=nets("192.0.2.0/24")),
+        FlowFilter(
+            external=E1,
+            keep_targets=frozenset({BACKEND_B}),
+            keep_sources=nets("192.0.2.0/24"),
+            lost_targets=frozenset({BACKEND_A}),
+        ),
     )
 
 
@@ -168,7 +178,7 @@ def test_added_endpoint_deletes_only_flows_not_going_to_its_targets() -> None:
     old = state(dnat(E1, BACKEND_A))
     new = state(dnat(E1, BACKEND_A), dnat(E2, BACKEND_B))
     assert stale_flow_filters(old=old, new=new) == (
-        FlowFilter(external=E2, keep_targets=frozenset({BACKEND_B}), keep_sources=None),
+        FlowFilter(external=E2, keep_targets=frozenset({BACKEND_B}), keep_sources=None, lost_targets=frozenset()),
     )
 
 
@@ -183,7 +193,7 @@ def test_protocol_is_part_of_the_endpoint() -> None:
     tcp = ExternalEndpoint(address=E1.address, protocol=Protocol.TCP, port=E1.port)
     filters = stale_flow_filters(old=state(dnat(E1, BACKEND_A)), new=state(dnat(tcp, BACKEND_A)))
     assert filters == (
-        FlowFilter(external=tcp, keep_targets=frozenset({BACKEND_A}), keep_sources=None),
+        FlowFilter(external=tcp, keep_targets=frozenset({BACKEND_A}), keep_sources=None, lost_targets=frozenset()),
         FlowFilter(external=E1, keep_targets=None, keep_sources=None),
     )
 
@@ -230,7 +240,11 @@ def test_shrunk_sources_of_a_virtual_target_filter_by_source_only() -> None:
     new = state(dnat(E1, CLUSTER_IP, sources=nets("192.0.2.0/25"), virtual=True))
     assert stale_flow_filters(old=old, new=new) == (
         FlowFilter(
-            external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=nets("192.0.2.0/25"), check_targets=False
+            external=E1,
+            keep_targets=frozenset({CLUSTER_IP}),
+            keep_sources=nets("192.0.2.0/25"),
+            check_targets=False,
+            lost_targets=frozenset(),
         ),
     )
 
@@ -250,7 +264,13 @@ def test_changed_virtual_target_deletes_every_flow_to_the_endpoint() -> None:
 def test_added_virtual_target_deletes_only_flows_never_dnated() -> None:
     new = state(dnat(E1, CLUSTER_IP, sources=nets("192.0.2.0/24"), virtual=True))
     assert stale_flow_filters(old=DesiredState(drop_unmapped=False), new=new) == (
-        FlowFilter(external=E1, keep_targets=frozenset({CLUSTER_IP}), keep_sources=None, check_targets=False),
+        FlowFilter(
+            external=E1,
+            keep_targets=frozenset({CLUSTER_IP}),
+            keep_sources=None,
+            check_targets=False,
+            lost_targets=frozenset(),
+        ),
     )
 
 
@@ -624,6 +644,56 @@ async def test_deleting_flows_to_a_lost_target_moves_a_long_lived_udp_flow(
     untouched = await flow_of(table, other, E2)
     assert untouched is not None and untouched.id == other_flow.id
     assert await other.ask(E2) == "A"
+
+
+@kernel
+@pytest.mark.kernel
+@pytest.mark.usefixtures("backends")
+@pytest.mark.parametrize("kernel_side", [True, False], ids=["kernel-side", "dump"])
+async def test_a_diff_of_lost_targets_deletes_them_with_or_without_a_dump(
+    lab: Lab,
+    edge: ConntrackEdge,
+    table: AsyncConntrack,
+    client_factory: Callable[[IPv4Address, int], Client],
+    kernel_side: bool,
+) -> None:
+    # A filter from a diff knows the lost targets: a kernel that deletes by filter needs no dump
+    # (which walks the whole table). Without that support the dump gives the same result.
+    if kernel_side and not edge.filtered_delete:
+        pytest.skip("this kernel has no filtered conntrack delete (< 6.11)")
+    edge.filtered_delete = kernel_side
+    dumps = 0
+    real_dump = edge._dump
+
+    def counting_dump(**filters: object) -> AsyncIterator[_Flow]:
+        nonlocal dumps
+        dumps += 1
+        return real_dump(**filters)
+
+    edge._dump = counting_dump  # type: ignore[method-assign]
+    set_rules(lab.router, [Rule(E1, BACKEND_A), Rule(E2, BACKEND_A)])
+    lost = client_factory(CLIENT_1, 41050)
+    other = client_factory(CLIENT_1, 41051)
+    assert await lost.ask(E1) == "A"
+    assert await other.ask(E2) == "A"
+    set_rules(lab.router, [Rule(E1, BACKEND_B), Rule(E2, BACKEND_A)])
+    kept = client_factory(CLIENT_2, 41050)
+    assert await kept.ask(E1) == "B"
+    kept_flow = await flow_of(table, kept, E1)
+    assert kept_flow is not None
+
+    filters = stale_flow_filters(
+        old=state(dnat(E1, BACKEND_A), dnat(E2, BACKEND_A)), new=state(dnat(E1, BACKEND_B), dnat(E2, BACKEND_A))
+    )
+    assert [f.needs_dump for f in filters] == [False]
+    assert await edge.delete(filters) == 1
+
+    assert dumps == (0 if kernel_side else 1)
+    assert await flow_of(table, lost, E1) is None
+    assert await lost.ask(E1) == "B"
+    still = await flow_of(table, kept, E1)
+    assert still is not None and still.id == kept_flow.id
+    assert await flow_of(table, other, E2) is not None
 
 
 @kernel
