@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from smartnatd.settings import Settings
 from smartnatd.store import Store
 
 logger = logging.getLogger(__name__)
+
+_KIND = operator.attrgetter("kind")
 
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
@@ -199,7 +202,8 @@ class Reconciler:
         self._publish_asked += 1
         self._to_publish.set()
         took = self._clock() - started
-        counts = Counter(str(v.kind) for v in new_plan.verdicts)
+        # str() of 10k enum members alone took ~5 ms a pass: count the members, name the few kinds.
+        counts = {str(k): n for k, n in Counter(map(_KIND, new_plan.verdicts)).items()}
         first = not self.health.ready
         self._publish(
             ready=True,
@@ -210,7 +214,7 @@ class Reconciler:
             last_success_monotonic=self._clock(),
             last_success_wall=self._wall(),
             last_duration=took,
-            verdicts=dict(counts),
+            verdicts=counts,
             endpoints=len(new_plan.desired.dnats),
         )
         if report.changed or first:
