@@ -16,7 +16,8 @@ MANAGED_ADDRESSES = "managed-addresses"  # every address of an external interfac
 EXTERNAL_INTERFACES = "external-interfaces"
 INTERFACE_MARKS = "interface-marks"  # ingress interface -> conntrack mark
 DNAT_TARGETS = "dnat-targets"  # endpoint -> the one target (service mode, or one endpoint)
-DNAT_CHAINS = "dnat-chains"  # endpoint -> goto the chain spreading over several targets
+DNAT_CHAINS = "dnat-chains"  # endpoint -> goto the spread chain for its number of targets
+DNAT_SPREAD = "dnat-spread"  # endpoint . i -> the i-th of its targets (several targets)
 SOURCE_FILTERS = "source-filters"  # endpoint -> jump to its allow-list chain
 EGRESS_MARKS = "egress-marks"  # backend address -> mark of the interface its egress leaves by
 EGRESS_SOURCES = "egress-sources"  # backend address -> external address it leaves with
@@ -26,12 +27,15 @@ FILTER_PREROUTING = "filter-prerouting"
 NAT_PREROUTING = "nat-prerouting"
 NAT_POSTROUTING = "nat-postrouting"
 
+# Spread chains are static, one per number of targets: "spread-<k>".
+SPREAD_PREFIX = "spread-"
+
 # Dynamic chains are shared by every Mapping with the same content, so they are named by a
 # hash of that content: "<kind>-<HASH8>". The prefix tells garbage collection they are ours and
 # dynamic; 8 base32 characters (40 bits) make a collision between live chains negligible, and
 # the name stays far below nft's 256-byte limit.
 SOURCES_PREFIX = "sources-"
-BACKENDS_PREFIX = "backends-"
+BACKENDS_PREFIX = "backends-"  # more targets than a spread chain takes
 DYNAMIC_PREFIXES = (SOURCES_PREFIX, BACKENDS_PREFIX)
 
 COMMENT_MAX = 128  # nft keeps at most 128 bytes of an element comment
@@ -49,6 +53,10 @@ def sources_chain(identity: str) -> str:
 
 def backends_chain(identity: str) -> str:
     return BACKENDS_PREFIX + hash8(identity)
+
+
+def spread_chain(targets: int) -> str:
+    return f"{SPREAD_PREFIX}{targets}"
 
 
 def is_dynamic(chain: str) -> bool:

@@ -16,8 +16,9 @@ import operator
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from itertools import compress, count
+from socket import inet_ntoa
 from typing import Any
 
 from smartnatd.desired import MARK_MASK, DesiredState, Dnat, EgressSnat, Target
@@ -90,6 +91,8 @@ _DECLARATIONS = (
     (n.INTERFACE_MARKS, "map", "type ifname : mark;"),
     (n.DNAT_TARGETS, "map", "type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;"),
     (n.DNAT_CHAINS, "map", "type ipv4_addr . inet_proto . inet_service : verdict;"),
+    # The key ends with the numgen of the spread chains; `mod 2` only names its type here.
+    (n.DNAT_SPREAD, "map", f"typeof {KEY} . numgen random mod 2 : ip daddr . th dport;"),
     (n.SOURCE_FILTERS, "map", "type ipv4_addr . inet_proto . inet_service : verdict;"),
     (n.EGRESS_MARKS, "map", "type ipv4_addr : mark;"),
     (n.EGRESS_SOURCES, "map", "type ipv4_addr : ipv4_addr;"),
@@ -97,6 +100,21 @@ _DECLARATIONS = (
 # Owners are namespace/name in DNS characters: their comment needs no cleaning, and checking
 # that is cheaper than names.comment() on every element of a 50k-Mapping render.
 _CLEAN_COMMENT = re.compile(r"[A-Za-z0-9_./:-]{1,%d}" % n.COMMENT_MAX)
+
+
+_IP_TEXT: dict[int, str] = {}
+
+
+def _ip(address: IPv4Address) -> str:
+    """str(address), remembered: a render writes ~25k addresses, the box's own few thousands
+    of times, and ipaddress formats in Python."""
+    i = int(address)
+    text = _IP_TEXT.get(i)
+    if text is None:
+        if len(_IP_TEXT) >= 1 << 18:  # bounded: pods come and go
+            _IP_TEXT.clear()
+        text = _IP_TEXT[i] = inet_ntoa(i.to_bytes(4, "big"))
+    return text
 
 
 def _comment(owner: str) -> str:
@@ -117,63 +135,100 @@ class _Placed:
 
 
 class _Memo:
-    """Per-pass caches for text that many Dnats share (allow-list chains)."""
+    """Per-pass caches for what many Dnats share: allow-list chains, and whether an allow-list
+    lets anyone in. Keyed by id() of the allowed_sources tuple first (each Mapping's Dnats share
+    one, and the Dnats keep it alive through the pass), then by value: hashing a tuple of
+    IPv4Networks runs Python code for every network."""
 
     def __init__(self) -> None:
-        self.sources: dict[tuple[IPv4Network, ...], tuple[str, NftChain]] = {}
+        self.sources: dict[tuple[IPv4Network, ...], tuple[str, NftChain] | None] = {}
+        self.by_id: dict[int, tuple[str, NftChain] | None] = {}
 
-    def sources_chain(self, allowed: tuple[IPv4Network, ...]) -> tuple[str, NftChain]:
-        found = self.sources.get(allowed)
-        if found is None:
+    def sources_chain(self, allowed: tuple[IPv4Network, ...]) -> tuple[str, NftChain] | None:
+        """The allow-list chain for these sources; None when they let anyone in."""
+        i = id(allowed)
+        if i in self.by_id:
+            return self.by_id[i]
+        if allowed in self.sources:
+            found = self.sources[allowed]
+        elif any(net.prefixlen == 0 for net in allowed):
+            found = self.sources[allowed] = None
+        else:
             sources = ", ".join(str(s) for s in allowed)
             accept = f"ip saddr {{ {sources} }} return"
             name = n.sources_chain(accept)
             found = self.sources[allowed] = (name, NftChain(name, rules=(accept, "counter drop")))
+        self.by_id[i] = found
         return found
+
+
+# Endpoints with 2..SPREAD_MAX targets go to the static chain spread-<k>: one rule, a random
+# number below k picks the endpoint's target from dnat-spread, so each gets 1/k of the new
+# connections. Map elements instead of a chain of k rules per endpoint: a 10k-Mapping
+# transaction had ~1,400 such chains, a third of its kernel and nft time. Static because nft
+# 1.0.6 cannot add a rule that uses dnat-spread once the map is in the kernel ("conflicting
+# protocols specified: ip vs. th", reading back the map's `typeof`): the rules are only ever
+# written in the transaction that declares the map. More targets than that take a chain of
+# their own (_spread_rules).
+SPREAD_MAX = 16  # pods; most Services have fewer, and each k is a chain in every listing
+
+
+def _spread_chains(most: int) -> tuple[NftChain, ...]:
+    return tuple(
+        NftChain(n.spread_chain(k), rules=(f"dnat ip to {KEY} . numgen random mod {k} map @{n.DNAT_SPREAD}",))
+        for k in range(2, most + 1)
+    )
 
 
 def _spread_rules(protocol: str, targets: tuple[Target, ...]) -> tuple[str, ...]:
     """One rule per target: the i-th of k takes a new connection with chance 1/(k-i), the last
     takes the rest, so each gets 1/k. Not one `numgen ... map { ... }` rule: every anonymous
     map or set in a rule costs nft 1.0.6 time that grows with the number already in the
-    transaction (a full pass at 10k Mappings spent ~0.8 s on them); plain rules stay linear.
-    The protocol match gives `dnat to addr:port` its transport context."""
+    transaction. The protocol match gives `dnat to addr:port` its transport context."""
     k = len(targets)
     return tuple(
         f"meta l4proto {protocol} "
         + (f"numgen random mod {k - i} == 0 " if k - i > 1 else "")
-        + f"dnat ip to {t.address}:{t.port}"
+        + f"dnat ip to {_ip(t.address)}:{t.port}"
         for i, t in enumerate(targets)
     )
 
 
 def _place_dnat(d: Dnat, memo: _Memo) -> _Placed:
     e = d.external
-    key = f"{e.address} . {e.protocol} . {e.port}"
+    key = f"{_ip(e.address)} . {e.protocol} . {e.port}"
     comment = _comment(str(d.owner))
     elements = [(n.EXTERNAL_PORTS, _element(key, comment, ""))]
     chains: list[NftChain] = []
-    if len(d.targets) == 1:
+    k = len(d.targets)
+    if k == 1:
         t = d.targets[0]
-        elements.append((n.DNAT_TARGETS, _element(key, comment, f"{t.address} . {t.port}")))
+        elements.append((n.DNAT_TARGETS, _element(key, comment, f"{_ip(t.address)} . {t.port}")))
+    elif k <= SPREAD_MAX:
+        elements.append((n.DNAT_CHAINS, _element(key, comment, f"goto {n.SPREAD_PREFIX}{k}")))
+        # No comment: the dnat-chains element of the same endpoint names the owner.
+        for i, t in enumerate(d.targets):
+            spread_key = f"{key} . {i}"
+            elements.append((n.DNAT_SPREAD, Element(spread_key, f"{spread_key} : {_ip(t.address)} . {t.port}")))
     else:
         rules = _spread_rules(e.protocol, d.targets)
         name = n.backends_chain("\n".join(rules))
         chains.append(NftChain(name, rules=rules))
         elements.append((n.DNAT_CHAINS, _element(key, comment, f"goto {name}")))
-    if not d.allows_anyone:
-        name, chain = memo.sources_chain(d.allowed_sources)
-        chains.append(chain)
+    filtered = memo.sources_chain(d.allowed_sources)
+    if filtered is not None:
+        name, sources = filtered
+        chains.append(sources)
         elements.append((n.SOURCE_FILTERS, _element(key, comment, f"jump {name}")))
     return _Placed(tuple(elements), tuple(chains))
 
 
 def _place_egress(e: EgressSnat) -> _Placed:
-    key, comment = str(e.source), _comment(str(e.owner))
+    key, comment = _ip(e.source), _comment(str(e.owner))
     return _Placed(
         (
             (n.EGRESS_MARKS, _element(key, comment, f"0x{e.mark:08x}")),
-            (n.EGRESS_SOURCES, _element(key, comment, str(e.to))),
+            (n.EGRESS_SOURCES, _element(key, comment, _ip(e.to))),
         )
     )
 
@@ -226,7 +281,10 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
         ),
         # srcnat - 10: ahead of kube-proxy's masquerade.
         NftChain(n.NAT_POSTROUTING, "type nat hook postrouting priority srcnat - 10; policy accept;", tuple(postrouting)),
-    )
+    ) + _SPREAD_CHAINS
+
+
+_SPREAD_CHAINS = _spread_chains(SPREAD_MAX)
 
 
 def render(desired: DesiredState) -> Ruleset:

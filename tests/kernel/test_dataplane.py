@@ -17,7 +17,7 @@ from pyroute2 import AsyncIPRoute
 from smartnatd.dataplane import Dataplane
 from smartnatd.host import discover
 from smartnatd.model import Snapshot
-from smartnatd.nft import names
+from smartnatd.nft import names, render
 from smartnatd.planner import Plan, VerdictKind, plan
 from smartnatd.settings import Settings
 from tests.builders import endpoint_slice, mapping, service
@@ -150,13 +150,36 @@ async def test_masquerade_off_lets_the_pod_see_the_client(topology, echo_servers
     assert (reply.name, reply.peer) == ("pod2", topology.allowed_client)
 
 
-async def test_direct_mode_spreads_new_connections_over_both_pods(topology, echo_servers, appliance):
+def spread(topology: Topology, connections: int = 40) -> set[str]:
+    """Who answered `connections` new connections: 40 miss one of two pods with P = 2^-39."""
+    return {client_tcp(topology, dst="192.0.2.10", port=80).name for _ in range(connections)}
+
+
+@pytest.mark.parametrize("spread_max", [render.SPREAD_MAX, 1], ids=["spread-chain", "own-chain"])
+async def test_direct_mode_spreads_new_connections_over_both_pods(topology, echo_servers, appliance, monkeypatch,
+                                                                   spread_max):
+    # Up to SPREAD_MAX targets share a static spread-<k> chain; more get a backends chain.
+    monkeypatch.setattr(render, "SPREAD_MAX", spread_max)
     await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice()])
+    chain = "spread-2" if spread_max > 1 else names.BACKENDS_PREFIX
+    assert f"goto {chain}" in appliance.ruleset()
 
-    def spread() -> set[str]:
-        return {client_tcp(topology, dst="192.0.2.10", port=80).name for _ in range(40)}
+    assert await asyncio.to_thread(spread, topology) == {"pod1", "pod2"}
 
-    assert await asyncio.to_thread(spread) == {"pod1", "pod2"}
+
+async def test_scaling_a_direct_mapping_changes_its_spread_without_a_full_pass(topology, echo_servers, appliance):
+    web_mapping = mapping("web", mode="direct")
+    await appliance.apply(web_mapping, services=[web()], slices=[web_slice((POD1,))])
+    assert await asyncio.to_thread(spread, topology, 10) == {"pod1"}
+
+    await appliance.apply(web_mapping, services=[web()], slices=[web_slice()])
+    assert not appliance.last_report.full
+    assert await asyncio.to_thread(spread, topology) == {"pod1", "pod2"}
+
+    await appliance.apply(web_mapping, services=[web()], slices=[web_slice((POD2,))])
+    assert not appliance.last_report.full
+    assert await asyncio.to_thread(spread, topology, 10) == {"pod2"}
+    assert "spread-2" not in appliance.ruleset().split("map dnat-chains")[1].split("}")[0]
 
 
 async def test_egress_snat_gives_pods_the_mappings_address(topology, echo_servers, appliance):

@@ -437,7 +437,8 @@ def test_nft_accepts_every_incremental_transaction_and_ends_with_the_same_elemen
                     applied = transaction.after
             # The endpoint-keyed sets and maps: their keys print as ours do ("a . proto . port").
             for s in ruleset.sets:
-                if s.name in (names.EXTERNAL_PORTS, names.DNAT_TARGETS, names.DNAT_CHAINS, names.SOURCE_FILTERS):
+                if s.name in (names.EXTERNAL_PORTS, names.DNAT_TARGETS, names.DNAT_CHAINS, names.DNAT_SPREAD,
+                              names.SOURCE_FILTERS):
                     listing = sh(ns, "nft", "-j", "list", s.kind, names.FAMILY, names.TABLE, s.name).stdout
                     assert sorted(parse_element_counters(listing)) == sorted(e.key for e in s.elements), s.name
             chains = sh(ns, "nft", "list", "chains", names.FAMILY).stdout
