@@ -119,9 +119,11 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
     plus the never-DNATed ones; when its targets change (another Service, a mode switch), which
     flow went where cannot be told, so every flow to the endpoint goes.
     """
-    wanted = {d.external: d for d in new.dnats}
     if old is None:
-        return tuple(_keep_only(wanted[e]) for e in sorted(wanted))
+        # DesiredState holds its dnats sorted by endpoint, one each: no dict and no sort of 12k
+        # dataclasses (their generated __lt__ and __hash__ run in Python) at start-up.
+        return tuple(map(_keep_only, new.dnats))
+    wanted = {d.external: d for d in new.dnats}
     before = {d.external: d for d in old.dnats}
     filters: list[FlowFilter] = []
     for external in sorted(before.keys() | wanted.keys()):
