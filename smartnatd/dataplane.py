@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from smartnatd.conntrack import ConntrackEdge, stale_flow_filters
-from smartnatd.desired import MARK_MASK, DesiredState
+from smartnatd.conntrack import ConntrackEdge, FlowFilter, stale_flow_filters
+from smartnatd.desired import MARK_MASK, DesiredState, ExternalEndpoint
 from smartnatd.errors import DataplaneError
 from smartnatd.nft import names
 from smartnatd.nft.render import Renderer, Ruleset, cleanup_text
@@ -101,7 +101,15 @@ class Dataplane:
                 logger.debug("nft transaction:\n%s", _clip(text))
         try:
             if text:
-                await loop.run_in_executor(None, self._runner.run, text)
+                running = loop.run_in_executor(None, self._runner.run, text)
+                try:
+                    # Worked out while nft runs: its library call releases the GIL, and at
+                    # start-up this is ~50 ms of Python at 10k Mappings.
+                    cleanup = self._flow_cleanup(desired)
+                finally:
+                    await running
+            else:
+                cleanup = self._flow_cleanup(desired)
             self._applied = after
             if is_full or self._desired is None or desired.return_paths != self._desired.return_paths:
                 routing = await self._routing.apply(desired.return_paths)
@@ -116,7 +124,7 @@ class Dataplane:
         except Exception as err:  # an unexpected netlink or runner failure: next pass is full
             self._applied = None
             raise DataplaneError(f"apply failed: {err}") from err
-        flows = await self._cleanup_flows(desired)
+        flows = await self._cleanup_flows(*cleanup)
         self._desired = desired
         took = time.monotonic() - started
         logger.debug(
@@ -125,22 +133,26 @@ class Dataplane:
         )
         return ApplyReport(full=is_full, nft_operations=ops, routing=routing, flows_deleted=flows, took=took)
 
-    async def _cleanup_flows(self, desired: DesiredState) -> int:
-        # Only after the new rules are in: a flow deleted earlier could be re-created by the old ones.
+    def _flow_cleanup(self, desired: DesiredState) -> tuple[tuple[FlowFilter, ...], set[ExternalEndpoint] | None]:
+        """What the move from the last applied state to `desired` must stop: filters per
+        endpoint and, until the first sweep, every endpoint served (the sweep keeps those)."""
+        known = None if self._swept else {d.external for d in desired.dnats}
         changed = self._renderer.dnat_changes(since=self._desired)
         if changed is None:
-            filters = stale_flow_filters(old=self._desired, new=desired)
-        else:
-            # Only Dnats that changed can need a filter: comparing these gives the same filters
-            # as comparing every Dnat, without a pass over all of them.
-            gone, came = changed
-            filters = stale_flow_filters(
-                old=DesiredState(dnats=gone), new=DesiredState(dnats=came, drop_unmapped=desired.drop_unmapped)
-            )
+            return stale_flow_filters(old=self._desired, new=desired), known
+        # Only Dnats that changed can need a filter: comparing these gives the same filters as
+        # comparing every Dnat, without a pass over all of them.
+        gone, came = changed
+        filters = stale_flow_filters(
+            old=DesiredState(dnats=gone), new=DesiredState(dnats=came, drop_unmapped=desired.drop_unmapped)
+        )
+        return filters, known
+
+    async def _cleanup_flows(self, filters: tuple[FlowFilter, ...], known: set[ExternalEndpoint] | None) -> int:
+        # Only after the new rules are in: a flow deleted earlier could be re-created by the old ones.
         try:
             deleted = await self._conntrack.delete(filters) if filters else 0
-            if not self._swept:
-                known = {d.external for d in desired.dnats}
+            if known is not None:
                 deleted += await self._conntrack.sweep(mark_mask=MARK_MASK, known=known)
                 self._swept = True
         except Exception:  # stale flows expire by themselves; never fail a pass for them
