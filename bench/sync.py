@@ -105,7 +105,7 @@ def build_cluster(n: int, *, direct_percent: int = 25) -> Cluster:
     20% with a TCP and a UDP port; 5% with a second address; 5% on the other appliance's
     addresses (NotLocal here); 3/8 open to anyone, the rest share 5 allow-lists. Each has its
     own Service with one EndpointSlice of 1-3 ready pods (so 60% of direct-mode Mappings
-    spread over several pods and get a backends chain)."""
+    spread over several pods through dnat-spread)."""
     mappings: list[Mapping] = []
     services: list[Service] = []
     slices: list[EndpointSlice] = []
@@ -310,6 +310,9 @@ async def measure_full(ns: str, cluster: Cluster, host: Host, repeat: int, state
         "plan": [], "render": [], "text": [], "nft": [], "total": [],
         # The start-up pass broken down like a single change (see measure_changes).
         "total_reconciler": [], "total_render_text": [], "total_nft": [], "total_routing": [], "total_conntrack": [],
+        # The periodic resync: a full pass right after the start-up pass, nothing changed.
+        "resync": [], "resync_reconciler": [], "resync_render_text": [], "resync_nft": [], "resync_routing": [],
+        "resync_conntrack": [],
     }
     counts: dict[str, int] = {}
     dataplane = new_dataplane(ns, state_dir)
@@ -350,6 +353,17 @@ async def measure_full(ns: str, cluster: Cluster, host: Host, repeat: int, state
             parts["total_nft"].append(probe.nft_s)
             parts["total_routing"].append(probe.routing_s)
             parts["total_conntrack"].append(probe.conntrack_s)
+            gc.collect()
+            started = time.perf_counter()
+            assert await reconciler.run_once(full=True), "resync pass failed"
+            total = time.perf_counter() - started
+            assert probe.full
+            parts["resync"].append(total)
+            parts["resync_reconciler"].append(total - probe.apply_s)
+            parts["resync_render_text"].append(probe.apply_s - probe.nft_s - probe.routing_s - probe.conntrack_s)
+            parts["resync_nft"].append(probe.nft_s)
+            parts["resync_routing"].append(probe.routing_s)
+            parts["resync_conntrack"].append(probe.conntrack_s)
     return {"counts": counts, **{k: summary(v) for k, v in parts.items()}}
 
 
@@ -483,6 +497,10 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"{'mappings':>9} | " + " | ".join(f"{t:>18}" for t in titles))
     for n, entry in results.items():
         print(f"{n:>9} | " + " | ".join(cell(entry["full"][k]) for k in columns))
+    print("\nperiodic resync: a full pass of an unchanged cluster, after the start-up pass (ms: median p95)")
+    print(f"{'mappings':>9} | " + " | ".join(f"{t:>18}" for t in titles))
+    for n, entry in results.items():
+        print(f"{n:>9} | " + " | ".join(cell(entry["full"][k.replace("total", "resync")]) for k in columns))
     if any("change" in e for e in results.values()):
         print("\none change, reconciler pass through the real Dataplane (ms: median p95)")
         columns = ("total", "reconciler", "render_diff", "nft", "routing", "conntrack")
@@ -501,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changes-from", type=int, default=10000,
                         help="measure single changes at sizes from this many Mappings up")
     parser.add_argument("--direct-percent", type=int, default=25,
-                        help="share of Mappings in direct mode (each multi-pod one has its own backends chain)")
+                        help="share of Mappings in direct mode (each multi-pod one spreads through dnat-spread)")
     parser.add_argument("--gc-threshold", type=int, default=-1,
                         help="gc.set_threshold(N, 20, 10) first; 0: Python's default (700, 10, 10); "
                              "default: the daemon's own thresholds")
