@@ -154,12 +154,24 @@ class _Memo:
         elif any(net.prefixlen == 0 for net in allowed):
             found = self.sources[allowed] = None
         else:
-            sources = ", ".join(str(s) for s in allowed)
-            accept = f"ip saddr {{ {sources} }} return"
-            name = n.sources_chain(accept)
-            found = self.sources[allowed] = (name, NftChain(name, rules=(accept, "counter drop")))
+            rules = _allow_rules(allowed)
+            name = n.sources_chain("\n".join(rules))
+            found = self.sources[allowed] = (name, NftChain(name, rules=(*rules, "counter drop")))
         self.by_id[i] = found
         return found
+
+
+# Allow-lists up to this many networks are one plain rule per network; longer ones one rule
+# with an anonymous set. nft 1.0.6 spends time on every anonymous set that grows with how many
+# the transaction already holds (4,000 distinct two-network lists: 2.1 s of nft, against 0.27 s
+# as plain rules), while a packet walks at most this many prefix matches.
+ALLOW_RULES_MAX = 16
+
+
+def _allow_rules(allowed: tuple[IPv4Network, ...]) -> tuple[str, ...]:
+    if len(allowed) > ALLOW_RULES_MAX:
+        return (f"ip saddr {{ {', '.join(map(str, allowed))} }} return",)
+    return tuple(f"ip saddr {net} return" for net in allowed)
 
 
 # Endpoints with 2..SPREAD_MAX targets go to the static chain spread-<k>: one rule, a random

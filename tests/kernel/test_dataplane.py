@@ -107,10 +107,16 @@ async def test_service_mode_reaches_pod_through_cluster_ip_with_port_translation
     assert (udp.name, udp.peer) == ("pod1", IPv4Address("10.10.0.2"))
 
 
-async def test_refused_client_is_dropped_and_allowed_client_served(topology, echo_servers, appliance):
+@pytest.mark.parametrize("allow_rules_max", [render.ALLOW_RULES_MAX, 1], ids=["rule-per-network", "one-set"])
+async def test_refused_client_is_dropped_and_allowed_client_served(topology, echo_servers, appliance, monkeypatch,
+                                                                     allow_rules_max):
+    # Short allow-lists are a prefix match per network; longer ones one anonymous set.
+    monkeypatch.setattr(render, "ALLOW_RULES_MAX", allow_rules_max)
+    sources = ("198.18.0.0/24", "203.0.113.10/32", "198.19.5.0/24")
     await appliance.apply(
-        mapping("web", mode="direct", sources=("203.0.113.10/32",)), services=[web()], slices=[web_slice((POD1,))]
+        mapping("web", mode="direct", sources=sources), services=[web()], slices=[web_slice((POD1,))]
     )
+    assert ("ip saddr {" in appliance.ruleset()) == (allow_rules_max < len(sources))
     assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
     refused = await asyncio.to_thread(
         expect_no_reply, tcp_request, topology.client, dst="192.0.2.10", port=80, src=topology.refused_client, timeout=0.5
