@@ -100,12 +100,13 @@ class Cluster:
     slices: tuple[EndpointSlice, ...]
 
 
-def build_cluster(n: int, *, direct_percent: int = 25) -> Cluster:
+def build_cluster(n: int, *, direct_percent: int = 25, own_allow_percent: int = 0) -> Cluster:
     """n Mappings, deterministic: `direct_percent` in direct mode, the rest in service mode;
     20% with a TCP and a UDP port; 5% with a second address; 5% on the other appliance's
     addresses (NotLocal here); 3/8 open to anyone, the rest share 5 allow-lists. Each has its
     own Service with one EndpointSlice of 1-3 ready pods (so 60% of direct-mode Mappings
-    spread over several pods through dnat-spread)."""
+    spread over several pods through dnat-spread). `own_allow_percent` of them instead get an
+    allow-list of their own (a /29 and a /32), as when every team lists its own clients."""
     mappings: list[Mapping] = []
     services: list[Service] = []
     slices: list[EndpointSlice] = []
@@ -136,6 +137,9 @@ def build_cluster(n: int, *, direct_percent: int = 25) -> Cluster:
             sports.append(ServicePort("dns", Protocol.UDP, 53, 5353))
             eports.append(EndpointPort("dns", Protocol.UDP, 5353))
         allow = ALLOW_LISTS[i % len(ALLOW_LISTS)]
+        if (i * 13) % 100 < own_allow_percent:  # i*13 runs through every residue mod 100
+            block = IPv4Address("100.64.0.0") + 16 * i
+            allow = (f"{block}/29", f"{block + 8}/32")
         sources = tuple(IPv4Network(s) for s in allow) if allow else (IPv4Network("0.0.0.0/0"),)
         spec = MappingSpec(
             addresses=tuple(addresses),
@@ -452,13 +456,14 @@ async def measure_changes(ns: str, cluster: Cluster, host: Host, repeat: int, st
 
 
 async def run(
-    sizes: list[int], repeat: int, change_repeat: int, changes_from: int, direct_percent: int
+    sizes: list[int], repeat: int, change_repeat: int, changes_from: int, direct_percent: int,
+    own_allow_percent: int = 0,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with bench_netns() as ns, tempfile.TemporaryDirectory(prefix="smartnat-bench-") as tmp:
         host = await discover_host(ns)
         for n in sizes:
-            cluster = build_cluster(n, direct_percent=direct_percent)
+            cluster = build_cluster(n, direct_percent=direct_percent, own_allow_percent=own_allow_percent)
             print(f"size {n}: full pass x{repeat} ...", file=sys.stderr, flush=True)
             entry: dict[str, Any] = {"full": await measure_full(ns, cluster, host, repeat, Path(tmp))}
             if n >= changes_from:
@@ -520,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure single changes at sizes from this many Mappings up")
     parser.add_argument("--direct-percent", type=int, default=25,
                         help="share of Mappings in direct mode (each multi-pod one spreads through dnat-spread)")
+    parser.add_argument("--own-allow-lists", type=int, default=0, metavar="PERCENT",
+                        help="share of Mappings with an allow-list of their own instead of a shared one")
     parser.add_argument("--gc-threshold", type=int, default=-1,
                         help="gc.set_threshold(N, 20, 10) first; 0: Python's default (700, 10, 10); "
                              "default: the daemon's own thresholds")
@@ -541,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.set_threshold(args.gc_threshold, 20, 10)
     started = time.time()
     results = asyncio.run(
-        run(sizes, args.repeat, args.change_repeat, args.changes_from, args.direct_percent)
+        run(sizes, args.repeat, args.change_repeat, args.changes_from, args.direct_percent, args.own_allow_lists)
     )
     print_table(results)
     if args.json:
@@ -552,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "change_repeat": args.change_repeat,
             "direct_percent": args.direct_percent,
+            "own_allow_percent": args.own_allow_lists,
             "gc_thresholds": list(gc.get_threshold()),
             "sizes": results,
         }
