@@ -57,6 +57,7 @@ _LOCATION = re.compile(
 
 class NftRunner(Protocol):
     backend: str  # "library" or "process"
+    netns: str | None  # the network namespace it acts in; None: the process's own
 
     def run(self, text: str) -> None:
         """Apply `text` as one atomic transaction; NftError on failure (nothing changed then)."""

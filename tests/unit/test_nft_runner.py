@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from smartnatd.errors import NftError
+from smartnatd.metrics import nft_counter_reader
 from smartnatd.nft.libnftables import LibnftablesUnavailable, load_library
 from smartnatd.nft.runner import (
     Failure,
@@ -213,6 +214,27 @@ def test_element_counters_count_a_packet(runner: NftRunner, netns: str) -> None:
     # Bytes count the IP packet: 20 bytes of IPv4 header and 8 of UDP header.
     assert counters["192.0.2.1 . udp . 5353"] == (1, 20 + 8 + len(payload), "ns-a/dns")
     assert counters["192.0.2.1 . tcp . 80"] == (0, 0, "ns-b/web")
+
+
+@needs_root
+@pytest.mark.kernel
+def test_metrics_reads_counters_without_waiting_for_a_transaction(netns: str) -> None:
+    """/metrics reads counters with an nft process of its own, so a scrape never waits for the
+    library context a pass is using (nor makes a pass wait ~0.2 s at 10k Mappings)."""
+    runner = make_runner(netns=netns, backend="library")
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        runner.run(TABLE)
+        read = nft_counter_reader(runner)
+        runner._lock.acquire()  # a transaction in progress on the library context
+        try:
+            counters = pool.submit(read).result(timeout=10)
+        finally:
+            runner._lock.release()
+        assert counters["192.0.2.1 . tcp . 80"] == (0, 0, "ns-b/web")
+    finally:
+        pool.shutdown()
+        runner.close()
 
 
 @needs_root
