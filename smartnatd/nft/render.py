@@ -12,6 +12,7 @@ commands and about as much Python, whatever the number of Mappings.
 from __future__ import annotations
 
 import bisect
+import functools
 import operator
 import re
 from collections.abc import Callable, Iterable
@@ -185,6 +186,7 @@ def _allow_rules(allowed: tuple[IPv4Network, ...]) -> tuple[str, ...]:
 SPREAD_MAX = 16  # pods; most Services have fewer, and each k is a chain in every listing
 
 
+@functools.cache
 def _spread_chains(most: int) -> tuple[NftChain, ...]:
     return tuple(
         NftChain(n.spread_chain(k), rules=(f"dnat ip to {KEY} . numgen random mod {k} map @{n.DNAT_SPREAD}",))
@@ -217,7 +219,7 @@ def _place_dnat(d: Dnat, memo: _Memo) -> _Placed:
         t = d.targets[0]
         elements.append((n.DNAT_TARGETS, _element(key, comment, f"{_ip(t.address)} . {t.port}")))
     elif k <= SPREAD_MAX:
-        elements.append((n.DNAT_CHAINS, _element(key, comment, f"goto {n.SPREAD_PREFIX}{k}")))
+        elements.append((n.DNAT_CHAINS, _element(key, comment, f"goto {n.spread_chain(k)}")))
         # No comment: the dnat-chains element of the same endpoint names the owner.
         for i, t in enumerate(d.targets):
             spread_key = f"{key} . {i}"
@@ -293,10 +295,7 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
         ),
         # srcnat - 10: ahead of kube-proxy's masquerade.
         NftChain(n.NAT_POSTROUTING, "type nat hook postrouting priority srcnat - 10; policy accept;", tuple(postrouting)),
-    ) + _SPREAD_CHAINS
-
-
-_SPREAD_CHAINS = _spread_chains(SPREAD_MAX)
+    ) + _spread_chains(SPREAD_MAX)
 
 
 def render(desired: DesiredState) -> Ruleset:
