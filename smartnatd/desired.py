@@ -58,7 +58,12 @@ class Dnat:
 
     @property
     def allows_anyone(self) -> bool:
-        return any(n.prefixlen == 0 for n in self.allowed_sources)
+        return allows_anyone(self.allowed_sources)
+
+
+def allows_anyone(sources: tuple[IPv4Network, ...]) -> bool:
+    """Whether an allow-list lets every client in (it holds 0.0.0.0/0)."""
+    return any(n.prefixlen == 0 for n in sources)
 
 
 @dataclass(frozen=True, order=True)

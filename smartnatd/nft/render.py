@@ -22,7 +22,7 @@ from itertools import compress, count
 from socket import inet_ntoa
 from typing import Any
 
-from smartnatd.desired import MARK_MASK, DesiredState, Dnat, EgressSnat, Target
+from smartnatd.desired import MARK_MASK, DesiredState, Dnat, EgressSnat, Target, allows_anyone
 from smartnatd.nft import names as n
 
 L4 = "meta l4proto { tcp, udp, sctp }"
@@ -152,7 +152,7 @@ class _Memo:
             return self.by_id[i]
         if allowed in self.sources:
             found = self.sources[allowed]
-        elif any(net.prefixlen == 0 for net in allowed):
+        elif allows_anyone(allowed):
             found = self.sources[allowed] = None
         else:
             rules = _allow_rules(allowed)
