@@ -166,7 +166,7 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
     return 0
 
 
-def _signature(path: Path) -> tuple:
+def _signature(path: Path) -> tuple[object, ...]:
     entries = []
     for p in sorted(path.iterdir()):
         if p.suffix in (".yaml", ".yml", ".json"):
@@ -177,9 +177,10 @@ def _signature(path: Path) -> tuple:
 
 async def watch_source_dir(path: Path, *, store: Store, poll: float = SOURCE_POLL) -> None:
     """The file source: re-read DIR whenever a file in it changes (a cluster snapshot on disk)."""
-    seen: tuple | None = None
+    seen: tuple[object, ...] | None = None
     problems: tuple[str, ...] = ()
     while True:
+        sig: tuple[object, ...] | None
         try:
             sig = await asyncio.to_thread(_signature, path)
         except OSError as err:

@@ -516,7 +516,11 @@ class SnapshotChanges(Protocol):
         """Whether snapshot.host differs."""
 
 
-K = TypeVar("K")
+class _Sortable(Protocol):
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
+K = TypeVar("K", bound=_Sortable)
 V = TypeVar("V")
 
 # Above this many insertions and removals in one pass, re-sorting a key list beats bisecting.
@@ -552,11 +556,11 @@ class _SortedIndex(Generic[K, V]):
             return self._flat
         keys, items = self._keys, self._items
         if len(pending) > _RESORT:
-            keys[:] = sorted(self.values)  # type: ignore[type-var]
+            keys[:] = sorted(self.values)
             items[:] = map(self.values.__getitem__, keys)
         else:
             for key, value in pending.items():
-                i = bisect.bisect_left(keys, key)  # type: ignore[type-var]
+                i = bisect.bisect_left(keys, key)
                 present = i < len(keys) and keys[i] == key
                 if value is _GONE:
                     if present:
@@ -615,6 +619,7 @@ class IncrementalPlanner:
     def plan(self, snapshot: Snapshot, changes: SnapshotChanges | None = None) -> Plan:
         continues = changes is not None and self._serial is not None and changes.base == self._serial
         self._serial = None  # until this call succeeds: after an exception, rebuild
+        result: Plan | None
         if continues:
             assert changes is not None
             result = self._update(snapshot, changes)
@@ -630,31 +635,33 @@ class IncrementalPlanner:
         None (use plan()) for snapshots with duplicate keys, which the store never makes and
         which this state, keyed by object, cannot hold."""
         self._reset(snapshot.host)
-        kinds = (snapshot.mappings, snapshot.services, snapshot.endpoint_slices)
-        mappings, services, slices = indexed = [{o.key: o for o in objects} for objects in kinds]
-        if any(len(index) != len(objects) for index, objects in zip(indexed, kinds)):
+        mappings = {m.key: m for m in snapshot.mappings}
+        services = {s.key: s for s in snapshot.services}
+        slices = {s.key: s for s in snapshot.endpoint_slices}
+        sizes = (len(mappings), len(services), len(slices))
+        if sizes != (len(snapshot.mappings), len(snapshot.services), len(snapshot.endpoint_slices)):
             return None
-        self._services = services  # type: ignore[assignment]
-        self._slices = slices  # type: ignore[assignment]
+        self._services = services
+        self._slices = slices
         for key, sl in self._slices.items():
             self._slices_of.setdefault(_slice_owner(sl), {})[key] = sl
         claimed: dict[EndpointKey, MappingKey] = {}
         egress: set[int] = set()
-        for m in sorted(mappings.values(), key=_order):  # type: ignore[arg-type]
+        for m in sorted(mappings.values(), key=_order):
             key = m.key
-            order = _order(m)  # type: ignore[arg-type]
-            self._mappings[key] = m  # type: ignore[index]
-            self._learn(m, order, append=True)  # type: ignore[arg-type]
-            claims = self._claims.get(key)  # type: ignore[arg-type]
+            order = _order(m)
+            self._mappings[key] = m
+            self._learn(m, order, append=True)
+            claims = self._claims.get(key)
             if claims is not None:
                 taken = next(((ek, a) for ek, a in claims if ek in claimed), None)
                 if taken is None:
-                    self._taken[key] = None  # type: ignore[index]
+                    self._taken[key] = None
                     for ek, _ in claims:
-                        claimed[ek] = key  # type: ignore[assignment]
+                        claimed[ek] = key
                 else:
-                    self._taken[key] = (_endpoint(*taken), claimed[taken[0]])  # type: ignore[index]
-            self._add(key, order, self._outcome(m), egress)  # type: ignore[arg-type]
+                    self._taken[key] = (_endpoint(*taken), claimed[taken[0]])
+            self._add(key, order, self._outcome(m), egress)
         self._elect(egress)
         return self._assemble()
 
@@ -745,9 +752,11 @@ class IncrementalPlanner:
         claims = self._claims.pop(m.key, ())
         order = self._order.pop(m.key, None)
         self._taken.pop(m.key, None)
+        if order is None:  # it claimed nothing
+            return ()
         for ek, _ in claims:
             claimants = self._claimants[ek]
-            del claimants[bisect.bisect_left(claimants, order)]  # type: ignore[arg-type]
+            del claimants[bisect.bisect_left(claimants, order)]
             if not claimants:
                 del self._claimants[ek]
         return [ek for ek, _ in claims]

@@ -20,7 +20,7 @@ Raw = dict[str, Any]
 def resource_version(obj: Raw) -> int | None:
     # Opaque to clients by contract, but every API server issues integers (etcd revisions);
     # anything else compares as unknown, and unknown always replaces.
-    value = (obj.get("metadata") or {}).get("resourceVersion")
+    value: Any = (obj.get("metadata") or {}).get("resourceVersion")
     try:
         return int(value)
     except (TypeError, ValueError):

@@ -23,7 +23,7 @@ import re
 import reprlib
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, TypeGuard
 
 from smartnatd.model import (
     Endpoint,
@@ -102,7 +102,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)  # YAML `true` is no port
 
 

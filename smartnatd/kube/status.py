@@ -209,10 +209,10 @@ def compute(
             "message": verdict.reason,
             "lastSync": mine_before["lastSync"] if unchanged and mine_before else now,
         }
-        appliances = new.get("appliances") if isinstance(new.get("appliances"), dict) else {}
-        new["appliances"] = {**appliances, instance: entry}
-        addresses = new.get("configuredAddresses") if isinstance(new.get("configuredAddresses"), dict) else {}
-        addresses = dict(addresses)
+        appliances = new.get("appliances")
+        new["appliances"] = {**(appliances if isinstance(appliances, dict) else {}), instance: entry}
+        listed = new.get("configuredAddresses")
+        addresses = dict(listed) if isinstance(listed, dict) else {}
         pods = [str(ip) for ip in verdict.pod_ips]
         for a in verdict.addresses:
             value = addresses.get(str(a))

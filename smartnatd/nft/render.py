@@ -472,9 +472,9 @@ class Renderer:
             exact &= self._put(id(e), e, _place_egress(e), self._egress, replace=True)
         for name, elements in _host_elements(desired).items():
             self._elements[name] = {e.key: e for e in elements}
-        for name, elements in self._elements.items():
-            self._keys[name] = sorted(elements)
-            self._items[name] = list(map(elements.__getitem__, self._keys[name]))
+        for name, by_key in self._elements.items():
+            self._keys[name] = sorted(by_key)
+            self._items[name] = list(map(by_key.__getitem__, self._keys[name]))
         # With duplicates the indexes cannot say what removing one entry leaves: start over
         # next time as well.
         self._desired = desired if exact else None
@@ -609,8 +609,10 @@ class Renderer:
             self._chains_moved = False
         last = self._ruleset
         if last is None or sets_changed or chains_changed:
-            self._ruleset = Ruleset(sets=tuple(self._sets[name] for name, _, _ in _DECLARATIONS), chains=self._chain_tuple)
-        return self._ruleset
+            last = self._ruleset = Ruleset(
+                sets=tuple(self._sets[name] for name, _, _ in _DECLARATIONS), chains=self._chain_tuple
+            )
+        return last
 
 
 def _add_elements(name: str, elements: Iterable[Element]) -> list[str]:
