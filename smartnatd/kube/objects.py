@@ -17,10 +17,10 @@ List responses omit apiVersion/kind on their items: a watch of a known resource 
 from __future__ import annotations
 
 import datetime
+import difflib
 import ipaddress
 import json
 import re
-import reprlib
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeGuard
@@ -93,13 +93,57 @@ class _Problems:
         return Invalid("; ".join(message for _, message in ordered))
 
 
+_SHOW_MAX = 60
+
+
 def _show(value: Any) -> str:
     """The value as the user wrote it (JSON), short enough for a status line."""
+    parts: list[str] = []
     try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError, RecursionError):
-        text = reprlib.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        _json_prefix(value, parts, [_SHOW_MAX + 1])
+    except _Enough:
+        pass
+    text = "".join(parts)
+    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
+
+
+class _Enough(Exception):
+    """The text has grown past what _show() keeps."""
+
+
+def _json_prefix(value: Any, parts: list[str], budget: list[int]) -> None:
+    """Append JSON text of `value` to `parts` until `budget` characters are written: a YAML file
+    can hold a small value with a huge expansion (aliases), and only the start is shown."""
+    if isinstance(value, dict):
+        items: Any = value.items()
+        opening, closing = "{", "}"
+    elif isinstance(value, (list, tuple)):
+        items, opening, closing = value, "[", "]"
+    else:
+        if isinstance(value, str):
+            value = value[: budget[0]]
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            text = str(value)
+        _emit(text, parts, budget)
+        return
+    _emit(opening, parts, budget)
+    for i, item in enumerate(items):
+        if i:
+            _emit(", ", parts, budget)
+        if opening == "{":
+            key, item = item
+            _emit(json.dumps(str(key)[: budget[0]], ensure_ascii=False) + ": ", parts, budget)
+        _json_prefix(item, parts, budget)
+    _emit(closing, parts, budget)
+
+
+def _emit(text: str, parts: list[str], budget: list[int]) -> None:
+    parts.append(text)
+    budget[0] -= len(text)
+    if budget[0] <= 0:
+        raise _Enough
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -168,17 +212,24 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _timestamp(value: Any) -> str:
-    """RFC 3339 text as the API server writes it; a YAML file may hold an unquoted datetime."""
+def _timestamp(value: Any) -> str | None:
+    """The time as the API server writes it (UTC, whole seconds, "Z"), so that comparing the
+    text compares the times; "" when unset, None when it is no time. The API server always
+    writes that form; a file may hold an offset, or an unquoted datetime that YAML parsed."""
+    if value is None or value == "":
+        return ""
     if isinstance(value, str):
-        return value
+        try:
+            value = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            return None
     if isinstance(value, datetime.datetime):
         if value.tzinfo is not None:
             value = value.astimezone(datetime.UTC).replace(tzinfo=None)
         return value.strftime("%Y-%m-%dT%H:%M:%SZ")
     if isinstance(value, datetime.date):
         return value.strftime("%Y-%m-%dT00:00:00Z")
-    return ""
+    return None
 
 
 def _dict(value: Any) -> dict[Any, Any]:
@@ -215,13 +266,21 @@ def parse_mapping(obj: Any) -> Mapping:
     if key is None:
         problems.missing("metadata.name")
         key = ObjectKey(_namespace(metadata), "")
+    namespace = metadata.get("namespace")
+    if namespace is not None and not isinstance(namespace, str):
+        problems.add("metadata.namespace", f"{_show(namespace)} is not a namespace name")
+    created = _timestamp(metadata.get("creationTimestamp"))
+    if created is None:
+        # The conflict order reads it: a time we cannot read must not win or lose by its text.
+        shown = _show(metadata.get("creationTimestamp"))
+        problems.add("metadata.creationTimestamp", f"{shown} is not an RFC 3339 time")
     generation = metadata.get("generation")
     finalizers = metadata.get("finalizers")
     spec = _mapping_spec(obj.get("spec"), problems=problems)
     return Mapping(
         key=key,
         spec=problems.invalid() if problems or spec is None else spec,
-        creation_timestamp=_timestamp(metadata.get("creationTimestamp")),
+        creation_timestamp=created or "",
         generation=generation if _is_int(generation) else 0,
         uid=_text(metadata.get("uid")),
         deleting=metadata.get("deletionTimestamp") is not None,
@@ -236,6 +295,7 @@ def _mapping_spec(spec: Any, *, problems: _Problems) -> MappingSpec | None:
     if not isinstance(spec, dict):
         problems.add("spec", f"{_show(spec)} is not an object")
         return None
+    _misspelt(spec, _SPEC_FIELDS, "spec", problems=problems)
     addresses = _mapping_addresses(spec.get("addresses"), problems=problems)
     allowed_sources = _allowed_sources(spec.get("allowedSources"), problems=problems)
     service_name = _service_name(spec.get("serviceName"), problems=problems)
@@ -250,6 +310,23 @@ def _mapping_spec(spec: Any, *, problems: _Problems) -> MappingSpec | None:
         mode=mode,
         ports=ports,
     )
+
+
+_SPEC_FIELDS = ("addresses", "allowedSources", "serviceName", "mode", "ports")
+_PORT_FIELDS = ("port", "protocol", "servicePort")
+
+
+def _misspelt(fields: dict[Any, Any], known: tuple[str, ...], path: str, *, problems: _Problems) -> None:
+    """A field close to a known one is a typo, and ignoring it can fail open (a misspelt
+    allowedSources lets everyone in): refuse it. Other unknown fields are ignored, so that a
+    field added by a newer version does not break an older appliance of a pair."""
+    lowered = {name.lower(): name for name in known}
+    for field in fields:
+        if field in known:
+            continue
+        close = difflib.get_close_matches(str(field).lower(), lowered, n=1, cutoff=0.75)
+        if close:
+            problems.add(f"{path}.{field}", f"unknown field; did you mean {lowered[close[0]]}?")
 
 
 def _list(value: Any, path: str, *, problems: _Problems, required: bool) -> list[Any] | None:
@@ -365,6 +442,7 @@ def _mapping_port(item: Any, path: str, *, problems: _Problems) -> MappingPort |
     if not isinstance(item, dict):
         problems.add(path, f"{_show(item)} is not an object with port, protocol and servicePort")
         return None
+    _misspelt(item, _PORT_FIELDS, path, problems=problems)
     ok = True
     port = _port_number(item.get("port"))
     if item.get("port") is None:
@@ -575,6 +653,9 @@ def parse_object(obj: Any) -> Mapping | Service | EndpointSlice | Invalid | None
     parser = _PARSERS.get((api_version, kind))
     if parser is not None:
         return parser(obj)
+    for known_version, known_kind in _PARSERS:
+        if api_version == known_version and kind.lower() == known_kind.lower():
+            return Invalid(f"kind {kind} is not {known_kind} (kinds are case-sensitive)")
     if kind == KIND and api_version.partition("/")[0] == GROUP:
         return Invalid(f"apiVersion {api_version} is not supported (expected {API_VERSION})")
     return None

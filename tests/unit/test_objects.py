@@ -181,7 +181,11 @@ def test_namespace_defaults_to_default(metadata: dict[str, Any], key: ObjectKey)
         ({"uid": 5}, {"uid": ""}),
         ({"finalizers": "x"}, {"finalizers": ()}),
         ({"finalizers": ["a", 1, None, "b"]}, {"finalizers": ("a", "b")}),
-        ({"creationTimestamp": 12}, {"creation_timestamp": ""}),
+        ({"creationTimestamp": None}, {"creation_timestamp": ""}),
+        # The conflict order compares the text: every form becomes the API server's own.
+        ({"creationTimestamp": "2024-05-01T12:00:00Z"}, {"creation_timestamp": "2024-05-01T12:00:00Z"}),
+        ({"creationTimestamp": "2024-05-01T17:00:00+05:00"}, {"creation_timestamp": "2024-05-01T12:00:00Z"}),
+        ({"creationTimestamp": "2024-05-01T12:00:00.75Z"}, {"creation_timestamp": "2024-05-01T12:00:00Z"}),
         # A YAML file may hold unquoted timestamps, which PyYAML turns into datetime/date.
         (
             {"creationTimestamp": datetime.datetime(2024, 5, 1, 12, 0, tzinfo=datetime.timezone.utc)},
@@ -259,6 +263,37 @@ def test_mode_defaults_to_service_and_ignores_case(mode: Any, expected: Mode) ->
 def test_same_port_on_different_protocols_is_fine() -> None:
     ports = [{"port": 53, "protocol": "tcp"}, {"port": 53, "protocol": "udp"}, {"port": 53, "protocol": "sctp"}]
     assert len(spec_of(mapping_obj(ports=ports)).ports) == 3
+
+
+@pytest.mark.parametrize("value", [12, True, "0", "garbage", "2024-13-01T00:00:00Z", ["2024-05-01T12:00:00Z"]])
+def test_a_creation_time_that_is_no_time_makes_the_mapping_invalid(value: Any) -> None:
+    obj = mapping_obj()
+    obj["metadata"]["creationTimestamp"] = value
+    assert reason_of(obj).startswith("metadata.creationTimestamp: ")
+    assert reason_of(obj).endswith(" is not an RFC 3339 time")
+
+
+def test_a_namespace_that_is_not_text_makes_the_mapping_invalid() -> None:
+    obj = mapping_obj()
+    obj["metadata"]["namespace"] = 5
+    assert reason_of(obj) == "metadata.namespace: 5 is not a namespace name"
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        # Ignoring these would serve the Mapping as if the field were unset: open to everyone.
+        ({"allowedSource": ["10.0.0.0/8"]}, "spec.allowedSource: unknown field; did you mean allowedSources?"),
+        ({"allowed_sources": ["10.0.0.0/8"]}, "spec.allowed_sources: unknown field; did you mean allowedSources?"),
+        ({"AllowedSources": ["10.0.0.0/8"]}, "spec.AllowedSources: unknown field; did you mean allowedSources?"),
+        ({"servicename": "echo"}, "spec.servicename: unknown field; did you mean serviceName?"),
+        ({"port": 80}, "spec.port: unknown field; did you mean ports?"),
+        ({"ports": [{"port": 80, "servicPort": 8080}]}, "spec.ports[0].servicPort: unknown field; did you mean servicePort?"),
+        ({"ports": [{"port": 53, "Protocol": "udp"}]}, "spec.ports[0].Protocol: unknown field; did you mean protocol?"),
+    ],
+)
+def test_a_misspelt_field_makes_the_mapping_invalid(spec: dict[str, Any], reason: str) -> None:
+    assert reason_of(mapping_obj(**spec)) == reason
 
 
 def test_unknown_fields_are_ignored() -> None:
@@ -887,6 +922,17 @@ def test_parse_object_problems(obj: Any, reason: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        ({**mapping_obj(), "kind": "mapping"}, "kind mapping is not Mapping (kinds are case-sensitive)"),
+        ({"apiVersion": "v1", "kind": "service"}, "kind service is not Service (kinds are case-sensitive)"),
+    ],
+)
+def test_a_kind_in_the_wrong_case_is_a_problem_not_skipped(obj: Any, reason: str) -> None:
+    assert parse_object(obj) == Invalid(reason)
+
+
+@pytest.mark.parametrize(
     ("obj", "key"),
     [
         ({"metadata": {"name": "a", "namespace": "b"}}, ObjectKey("b", "a")),
@@ -901,3 +947,16 @@ def test_parse_object_problems(obj: Any, reason: str) -> None:
 def test_object_key(obj: Any, key: ObjectKey | None) -> None:
     assert object_key(obj) == key
 
+
+
+def test_a_huge_value_is_shown_without_walking_all_of_it() -> None:
+    # YAML aliases make a few lines into 10^10 list items; only the start is ever shown.
+    bomb: Any = ["x"] * 10
+    for _ in range(9):
+        bomb = [bomb] * 10
+    reason = reason_of(mapping_obj(addresses=bomb))
+    assert reason.startswith('spec.addresses[0]: [[[[[[[[["x", "x"')
+    assert reason.count("...") == reason.count("is not an IPv4 address") == 10
+    looped: list[Any] = []
+    looped.append(looped)
+    assert reason_of(mapping_obj(addresses=looped)).startswith("spec.addresses[0]: [[[[")
