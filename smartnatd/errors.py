@@ -8,12 +8,14 @@ class SmartnatError(Exception):
 
 
 class SettingsError(SmartnatError):
-    """Bad SNCTRLR_* values; carries every problem found, one sentence each."""
+    """Bad SNCTRLR_* values; carries every problem found, one sentence each, and the notices
+    (typo hints, ignored settings) found on the way, which often explain the problem."""
 
     exit_code = 78  # EX_CONFIG: systemd's RestartPreventExitStatus stops a restart loop
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], *, notices: list[str] | None = None) -> None:
         self.problems = list(problems)
+        self.notices = list(notices or ())
         super().__init__("; ".join(self.problems))
 
 

@@ -19,7 +19,7 @@ import ipaddress
 import re
 import socket
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -272,10 +272,20 @@ def _absolute_path(raw: str) -> str:
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 
 
-def _dns_subdomain(raw: str) -> str:
+def _instance_name(raw: str) -> str:
+    # A DNS label: the Lease is smartnat-<name> and Events carry it as reportingInstance (at most
+    # 128 characters); 63 keeps both, and the status key, short and valid.
     value = raw.strip()
-    if len(value) > 253 or not re.fullmatch(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*", value):
-        raise ValueError("must be a lower-case DNS name (letters, digits, '-' and '.'); it names this appliance's Lease")
+    if len(value) > 63:
+        raise ValueError(
+            f"is {len(value)} characters long; at most 63 (a DNS label): it names this appliance's Lease "
+            "(smartnat-<name>) and its Events"
+        )
+    if not re.fullmatch(_DNS_LABEL, value):
+        raise ValueError(
+            "must be a DNS label: lower-case letters, digits and '-', starting and ending with a letter or "
+            "digit, at most 63; it names this appliance's Lease (smartnat-<name>) and its Events"
+        )
     return value
 
 
@@ -299,7 +309,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "autorefresh_period_sec": _ranged(1, INT32_MAX),
     "max_finalize_wait_minutes": _ranged(1, INT32_MAX),
     "max_ports_per_mapping": _ranged(1, INT32_MAX),
-    "instance_name": _dns_subdomain,
+    "instance_name": _instance_name,
     "drop_unmapped": _bool,
     # Table ids 253-255 are the kernel's; base + the largest markable ifindex (0x0FFF) must fit.
     "route_table_base": _ranged(256, 2**31 - 4097),
@@ -340,13 +350,32 @@ def _is_set(field_name: str, environ: Mapping[str, str]) -> bool:
 
 
 def load(environ: Mapping[str, str], *, require: bool = True) -> tuple[Settings, list[str]]:
-    """Parse the environment. Returns settings and notices; raises SettingsError listing every problem.
+    """Parse the environment. Returns settings and notices; raises SettingsError listing every problem
+    (and carrying the notices, so a typo's "did you mean" hint is shown beside the error it caused).
 
     `require=False` lets commands that need no interface selection (cleanup) run without the
     settings a running daemon must have; a missing pattern then selects no interface.
     """
+    settings, notices, _ = _load(environ, require=require, used=None)
+    return settings, notices
+
+
+def load_subset(environ: Mapping[str, str], names: Collection[str]) -> tuple[Settings, list[str], list[str]]:
+    """Settings for a command that uses only the fields `names` (cleanup: tables, priority, backend).
+
+    Returns settings, notices and warnings. A bad value among `names` raises SettingsError as in
+    load(); a bad value of any other setting is a warning, and that setting keeps its default, so
+    an unrelated typo cannot block the command. Nothing is required.
+    """
+    return _load(environ, require=False, used=frozenset(names))
+
+
+def _load(
+    environ: Mapping[str, str], *, require: bool, used: frozenset[str] | None
+) -> tuple[Settings, list[str], list[str]]:
     values: dict[str, Any] = {}
     problems: list[str] = []
+    unused_problems: list[str] = []  # bad values of settings outside `used`
     notices: list[str] = []
     names = _setting_fields()
     for name in names:
@@ -360,8 +389,12 @@ def load(environ: Mapping[str, str], *, require: bool = True) -> tuple[Settings,
         try:
             values[name] = PARSERS[name](raw)
         except ValueError as err:
-            if name.upper() not in IGNORED:  # a bad value of a setting without effect stops nothing
+            if name.upper() in IGNORED:  # a bad value of a setting without effect stops nothing
+                continue
+            if used is None or name in used:
                 problems.append(f"{var}={raw!r}: {err}")
+            else:
+                unused_problems.append(f"{var}={raw!r}: {err} (not used by this command; ignored)")
     for suffix, why in IGNORED.items():
         if PREFIX + suffix in environ:
             notices.append(f"{PREFIX}{suffix} is accepted and ignored: {why}")
@@ -372,7 +405,7 @@ def load(environ: Mapping[str, str], *, require: bool = True) -> tuple[Settings,
             hint = f"did you mean {close[0]}?" if close else "typo?"
             notices.append(f"{var} is not a smartnatd setting; ignored ({hint})")
     if problems:
-        raise SettingsError(problems)
+        raise SettingsError(problems, notices=notices + unused_problems)
     gw = values.get("default_gw_interface", "")
     pattern = values.get("interfaces_pattern", "")
     if gw and pattern and _compile_go_regex(pattern).search(gw):
@@ -383,7 +416,7 @@ def load(environ: Mapping[str, str], *, require: bool = True) -> tuple[Settings,
     from_env = frozenset(values)
     if not values.get("instance_name"):
         values["instance_name"] = _default_instance_name()
-    return Settings(**values, from_env=from_env), notices
+    return Settings(**values, from_env=from_env), notices, unused_problems
 
 
 def describe(settings: Settings, environ: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:

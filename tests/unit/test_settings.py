@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from smartnatd.errors import SettingsError
-from smartnatd.settings import PARSERS, PREFIX, Settings, describe, env_name, load
+from smartnatd.settings import PARSERS, PREFIX, Settings, describe, env_name, load, load_subset
 
 PATTERN = {"SNCTRLR_INTERFACES_PATTERN": "^eth[1-9][0-9]*$"}
 SETTING_NAMES = [f.name for f in fields(Settings) if f.name in PARSERS]
@@ -115,7 +115,7 @@ def test_booleans_accept_what_go_parsebool_accepts_as_false(key, raw):
         ("MAX_FINALIZE_WAIT_MINUTES", "1", 1),
         ("MAX_PORTS_PER_MAPPING", "100000", 100000),  # SmartNat had no upper bound
         ("INSTANCE_NAME", "nat-a", "nat-a"),
-        ("INSTANCE_NAME", "nat-a.example.com", "nat-a.example.com"),
+        ("INSTANCE_NAME", "a" * 63, "a" * 63),
         ("ROUTE_TABLE_BASE", "256", 256),
         ("ROUTE_TABLE_BASE", "2147479551", 2**31 - 4097),
         ("RULE_PRIORITY", "1", 1),
@@ -182,9 +182,12 @@ def test_empty_value_means_the_default(key, raw):
         ("AUTOREFRESH_PERIOD_SEC", "9" * 5000, "must be between 1 and"),
         ("MAX_FINALIZE_WAIT_MINUTES", "-5", "must be between 1 and"),
         ("MAX_PORTS_PER_MAPPING", "0", "must be between 1 and"),
-        ("INSTANCE_NAME", "Nat_A", "must be a lower-case DNS name"),
-        ("INSTANCE_NAME", "nat..a", "must be a lower-case DNS name"),
-        ("INSTANCE_NAME", "-nat", "must be a lower-case DNS name"),
+        ("INSTANCE_NAME", "Nat_A", "must be a DNS label"),
+        ("INSTANCE_NAME", "nat..a", "must be a DNS label"),
+        ("INSTANCE_NAME", "-nat", "must be a DNS label"),
+        # Lease smartnat-<name>, Event reportingInstance (at most 128): one label, not a host name.
+        ("INSTANCE_NAME", "nat-a.example.com", "must be a DNS label"),
+        ("INSTANCE_NAME", "a" * 64, "is 64 characters long; at most 63"),
         ("ROUTE_TABLE_BASE", "255", "must be between 256 and 2147479551"),
         ("ROUTE_TABLE_BASE", "2147479552", "must be between 256 and 2147479551"),
         ("RULE_PRIORITY", "0", "must be between 1 and 32000"),
@@ -261,7 +264,32 @@ def test_require_false_still_reports_bad_values():
     ]
 
 
+def test_a_subset_load_reports_only_its_own_bad_values_and_warns_about_the_others():
+    env = {"SNCTRLR_MONITOR_PORT": "abc", "SNCTRLR_RULE_PRIORITY": "2000"}
+    settings, notices, warnings = load_subset(env, {"rule_priority", "route_table_base"})
+    assert settings.rule_priority == 2000
+    assert settings.monitor_port == Settings().monitor_port
+    assert notices == []
+    assert warnings == ["SNCTRLR_MONITOR_PORT='abc': not a port number (1-65535) (not used by this command; ignored)"]
+    with pytest.raises(SettingsError) as info:
+        load_subset({**env, "SNCTRLR_ROUTE_TABLE_BASE": "1"}, {"rule_priority", "route_table_base"})
+    assert info.value.problems == ["SNCTRLR_ROUTE_TABLE_BASE='1': must be between 256 and 2147479551"]
+    assert info.value.notices == [warnings[0]]
+
+
 # --- notices ------------------------------------------------------------------------------------
+
+
+def test_notices_travel_with_the_error_so_a_typo_hint_is_not_lost():
+    with pytest.raises(SettingsError) as info:
+        load({"SNCTRLR_INTERFACE_PATTERN": "eth1", "SNCTRLR_IPTABLES_TIMEOUT_SEC": "5"})
+    assert info.value.problems[0].startswith("SNCTRLR_INTERFACES_PATTERN is not set")
+    assert info.value.notices == [
+        "SNCTRLR_IPTABLES_TIMEOUT_SEC is accepted and ignored: "
+        "smartnatd drives nftables in one transaction; no iptables timeout applies",
+        "SNCTRLR_INTERFACE_PATTERN is not a smartnatd setting; ignored (did you mean SNCTRLR_INTERFACES_PATTERN?)",
+    ]
+
 
 
 def test_unknown_snctrlr_variable_is_a_notice_naming_the_closest_setting():
