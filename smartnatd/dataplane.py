@@ -99,6 +99,7 @@ class Dataplane:
             text, after, ops, is_full = step.text, step.after, step.operations, False
             if text and logger.isEnabledFor(logging.DEBUG):
                 logger.debug("nft transaction:\n%s", _clip(text))
+        committed = False  # the nft transaction is in: a later failure leaves a partial pass
         try:
             if text:
                 running = loop.run_in_executor(None, self._runner.run, text)
@@ -108,6 +109,7 @@ class Dataplane:
                     cleanup = self._flow_cleanup(desired)
                 finally:
                     await running
+                    committed = True
             else:
                 cleanup = self._flow_cleanup(desired)
             self._applied = after
@@ -118,12 +120,15 @@ class Dataplane:
                 # whole nft step of a small change. Drift (a route the kernel dropped with a
                 # flapping link) is repaired by the next full pass.
                 routing = RoutingReport()
-        except DataplaneError:
+        except DataplaneError as err:
             self._applied = None
+            err.nft_committed = committed
             raise
         except Exception as err:  # an unexpected netlink or runner failure: next pass is full
             self._applied = None
-            raise DataplaneError(f"apply failed: {err}") from err
+            failure = DataplaneError(f"apply failed: {err}")
+            failure.nft_committed = committed
+            raise failure from err
         flows = await self._cleanup_flows(*cleanup)
         self._desired = desired
         took = time.monotonic() - started

@@ -22,6 +22,10 @@ class SettingsError(SmartnatError):
 class DataplaneError(SmartnatError):
     """A pass failed to apply; the next pass is full."""
 
+    # Set by Dataplane.apply: True when the pass's nft transaction committed and a later step
+    # (policy routing) failed, so the kernel holds the new rules without all of their routes.
+    nft_committed: bool = False
+
 
 class NftError(DataplaneError):
     def __init__(self, message: str, *, errno_name: str = "", saved_path: str = "") -> None:
