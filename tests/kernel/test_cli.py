@@ -71,7 +71,70 @@ def test_apply_serves_invalid_mappings_do_not_fail_the_pass_and_cleanup_removes_
 def test_apply_refuses_a_missing_source_directory(topology, tmp_path):
     out = smartnatd("apply", "--source", str(tmp_path / "nope"), "--netns", topology.appliance)
     assert out.returncode == 2
-    assert "not a directory" in out.stderr
+    assert out.stderr == f"smartnatd: --source {tmp_path / 'nope'}: does not exist\n"
+
+
+def test_apply_refuses_a_partial_source_and_keeps_what_was_applied(topology, echo_servers, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(DEMO, source)
+    assert smartnatd("apply", "--source", str(source), "--netns", topology.appliance, tmp=tmp_path).returncode == 0
+    before = sh(topology.appliance, "nft", "list", "table", "ip", "smartnat").stdout
+    # A half-written file: the Mappings in it are unknown, not gone.
+    (source / "mappings.yaml").write_text("kind: Mapping\nmetadata: {name: [unclosed\n")
+    out = smartnatd("apply", "--source", str(source), "--netns", topology.appliance, tmp=tmp_path)
+    assert out.returncode == 65, out.stderr
+    assert out.stdout == ""
+    assert out.stderr.splitlines()[0].startswith("smartnatd: mappings.yaml: ")
+    assert "nothing was applied" in out.stderr.splitlines()[-1]
+    assert sh(topology.appliance, "nft", "list", "table", "ip", "smartnat").stdout == before
+    reply = parse_echo_reply(tcp_request(topology.client, dst="192.0.2.10", port=80, src=topology.allowed_client))
+    assert reply.name in ("pod1", "pod2")
+    assert smartnatd("cleanup", "--netns", topology.appliance, env={}).returncode == 0
+
+
+def test_apply_reports_what_it_applied_as_json_and_as_a_readable_line(topology, tmp_path):
+    out = smartnatd("apply", "--source", str(DEMO), "--netns", topology.appliance, "-o", "json", tmp=tmp_path)
+    assert out.returncode == 0, out.stderr
+    applied = json.loads(out.stdout)["applied"]
+    assert applied["endpoints"] == 3
+    assert applied["routing"]["added"] > 0 and applied["routing"]["deleted"] == 0
+    assert applied["routing"]["changes"] == applied["routing"]["added"] + applied["routing"]["replaced"]
+    assert isinstance(applied["flowsDeleted"], int) and applied["took"] >= 0
+    again = smartnatd("apply", "--source", str(DEMO), "--netns", topology.appliance, tmp=tmp_path)
+    last = again.stdout.splitlines()[-1]
+    assert last.startswith("applied: 3 endpoints; routes and rules 0 added, 0 replaced, 0 deleted; 0 stale flows"), last
+    assert "RoutingReport" not in again.stdout
+    assert smartnatd("cleanup", "--netns", topology.appliance, env={}).returncode == 0
+
+
+def test_apply_says_what_was_applied_when_routing_fails_after_nft(topology, tmp_path, monkeypatch, capsys):
+    from smartnatd import cli
+
+    real_discover = cli._discover
+
+    async def discover_then_lose_ext2(settings, netns):
+        host = await real_discover(settings, netns)
+        sh(topology.appliance, "ip", "link", "del", "ext2")  # the route through it now fails
+        return host
+
+    monkeypatch.setattr(cli, "_discover", discover_then_lose_ext2)
+    for var in [v for v in os.environ if v.startswith("SNCTRLR_")]:
+        monkeypatch.delenv(var)
+    for var, value in {**ENV, "SNCTRLR_STATE_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(var, value)
+    assert cli.main(["apply", "--source", str(DEMO), "--netns", topology.appliance]) == 1
+    err = capsys.readouterr().err
+    assert "the nftables rules were applied, but a later step failed" in err
+    assert "nothing was changed" not in err
+    assert "192.0.2.10" in sh(topology.appliance, "nft", "list", "table", "ip", "smartnat").stdout
+
+
+def test_cleanup_is_not_blocked_by_a_setting_it_does_not_use(topology, tmp_path):
+    assert smartnatd("apply", "--source", str(DEMO), "--netns", topology.appliance, tmp=tmp_path).returncode == 0
+    out = smartnatd("cleanup", "--netns", topology.appliance, env={"SNCTRLR_MONITOR_PORT": "abc"})
+    assert out.returncode == 0, out.stderr
+    assert "warning: SNCTRLR_MONITOR_PORT='abc'" in out.stderr
+    assert "smartnat" not in sh(topology.appliance, "nft", "list", "ruleset").stdout
 
 
 def test_check_config_lists_every_problem_and_exits_78():
