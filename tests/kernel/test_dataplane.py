@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address
 
@@ -35,7 +36,6 @@ from tests.kernel.harness import (
     sh,
     tcp_request,
     udp_request,
-    wait_until,
 )
 
 SETTINGS = Settings(interfaces_pattern=r"^ext[0-9]+$", default_gw_interface="eth0", instance_name="test")
@@ -93,6 +93,28 @@ def web_slice(ready=(POD1, POD2)):
     return endpoint_slice(ready=ready, ports=(("http", "tcp", 8080), ("dns", "udp", 8080)))
 
 
+def dropped(ruleset: str, chain_prefix: str) -> int:
+    """Packets counted by the `counter ... drop` rules of the chains named chain_prefix*."""
+    total, chain = 0, ""
+    for line in ruleset.splitlines():
+        if found := re.match(r"\s*chain (\S+) \{", line):
+            chain = found.group(1)
+        elif chain.startswith(chain_prefix) and (counter := re.search(r"counter packets (\d+) bytes \d+ drop$", line)):
+            total += int(counter.group(1))
+    return total
+
+
+def conntrack_entries(t: Topology, *args: str) -> list[str]:
+    """The appliance's confirmed conntrack entries matching the `conntrack -L` filters in args."""
+    return sh(t.appliance, "conntrack", "-L", *args).stdout.splitlines()
+
+
+def route_clients_via_ext1(t: Topology) -> None:
+    """A main-table route from the appliance to the clients: the box itself can then answer them,
+    and forwarded traffic no longer needs policy routing to reach them."""
+    sh(t.appliance, "ip", "route", "add", "203.0.113.0/24", "via", str(t.ext1_gateway))
+
+
 async def test_service_mode_reaches_pod_through_cluster_ip_with_port_translation(topology, echo_servers, appliance):
     install_cluster_ip(topology, cluster_ip=CLUSTER_IP, port=80, protocol="tcp", backends=[(POD1, 8080)])
     install_cluster_ip(topology, cluster_ip=CLUSTER_IP, port=53, protocol="udp", backends=[(POD1, 8080)])
@@ -114,15 +136,30 @@ async def test_refused_client_is_dropped_and_allowed_client_served(topology, ech
     monkeypatch.setattr(render, "ALLOW_RULES_MAX", allow_rules_max)
     sources = ("198.18.0.0/24", "203.0.113.10/32", "198.19.5.0/24")
     await appliance.apply(
-        mapping("web", mode="direct", sources=sources), services=[web()], slices=[web_slice((POD1,))]
+        mapping("web", mode="direct", sources=sources, ports=TCP_AND_UDP), services=[web()], slices=[web_slice((POD1,))]
     )
     assert ("ip saddr {" in appliance.ruleset()) == (allow_rules_max < len(sources))
-    assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
-    refused = await asyncio.to_thread(
-        expect_no_reply, tcp_request, topology.client, dst="192.0.2.10", port=80, src=topology.refused_client, timeout=0.5
-    )
-    assert refused
-    assert all(peer[0] != topology.refused_client for peer in echo_servers["pod1", "tcp"].peers)
+    # Listeners on the box itself, and a route back to the clients: a refused packet that got past
+    # the allow-list, translated or not, would now be answered (by pod1 or by the box).
+    route_clients_via_ext1(topology)
+    with (
+        echo_server(topology.appliance, "tcp", "192.0.2.10", 80, name="box") as box_tcp,
+        echo_server(topology.appliance, "udp", "192.0.2.10", 53, name="box") as box_udp,
+    ):
+        assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
+        assert (await asyncio.to_thread(client_udp, topology, dst="192.0.2.10", port=53)).name == "pod1"
+        served = {proto: len(echo_servers["pod1", proto].peers) for proto in ("tcp", "udp")}
+        for port, proto, _ in TCP_AND_UDP:
+            request = tcp_request if proto == "tcp" else udp_request
+            assert await asyncio.to_thread(
+                expect_no_reply, request, topology.client, dst="192.0.2.10", port=port, src=topology.refused_client,
+                timeout=0.5,
+            ), proto
+        assert (box_tcp.peers, box_udp.peers) == ((), ())
+    assert {proto: len(echo_servers["pod1", proto].peers) for proto in ("tcp", "udp")} == served
+    # Dropped in prerouting, before conntrack confirmed anything, by the allow-list's last rule.
+    assert conntrack_entries(topology, "-s", str(topology.refused_client)) == []
+    assert dropped(appliance.ruleset(), names.SOURCES_PREFIX) >= 2
 
 
 async def test_reply_leaves_by_the_interface_the_connection_came_in_on(topology, echo_servers, appliance):
@@ -188,17 +225,50 @@ async def test_scaling_a_direct_mapping_changes_its_spread_without_a_full_pass(t
     assert "spread-2" not in appliance.ruleset().split("map dnat-chains")[1].split("}")[0]
 
 
+def route_pods_via_ext1(t: Topology) -> None:
+    """Routes on which a pod's connection to the client gets through without any rewriting: the
+    appliance sends the clients' range out of ext1, the client sends the pods' range back to it.
+    A pod that egress SNAT leaves alone is then seen from outside with its own address."""
+    route_clients_via_ext1(t)
+    sh(t.client, "ip", "route", "add", "10.244.0.0/16", "via", str(t.ext1_address))
+
+
+def from_pod(t: Topology, pod: int, *, port: int = 9000):
+    return parse_echo_reply(tcp_request(t.pods[pod], dst=t.allowed_client, port=port))
+
+
 async def test_egress_snat_gives_pods_the_mappings_address(topology, echo_servers, appliance):
     settings = dataclasses.replace(SETTINGS, setup_snat=True)
     await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice((POD1,))], settings=settings)
     with echo_server(topology.client, "tcp", topology.allowed_client, 9000, name="outside") as outside:
-        reply = parse_echo_reply(
-            await asyncio.to_thread(tcp_request, topology.pods[0], dst=topology.allowed_client, port=9000)
-        )
+        reply = await asyncio.to_thread(from_pod, topology, 0)
         assert reply.name == "outside"
-        # The pod's connection left through ext1 with the Mapping's external address.
+        # The pod's connection left through ext1 with the Mapping's external address (the main
+        # table has no route to the client: the egress mark chose ext1).
         assert reply.peer == IPv4Address("192.0.2.10")
         assert outside.peers[-1][0] == IPv4Address("192.0.2.10")
+
+        # pod2 backs no Mapping: once routes let it out at all, it leaves with its own address.
+        await asyncio.to_thread(route_pods_via_ext1, topology)
+        assert (await asyncio.to_thread(from_pod, topology, 1)).peer == IPv4Address(POD2)
+        assert (await asyncio.to_thread(from_pod, topology, 0)).peer == IPv4Address("192.0.2.10")
+        assert [peer for peer, _ in outside.peers] == [IPv4Address(a) for a in ("192.0.2.10", POD2, "192.0.2.10")]
+
+
+async def test_without_egress_snat_a_backend_pod_keeps_its_own_address(topology, echo_servers, appliance):
+    # setup_snat is off by default.
+    await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice((POD1,))])
+    with echo_server(topology.client, "tcp", topology.allowed_client, 9000, name="outside") as outside:
+        # No egress mark and no route of its own: the connection follows the main default route
+        # back into the cluster and never reaches the client.
+        assert await asyncio.to_thread(
+            expect_no_reply, tcp_request, topology.pods[0], dst=topology.allowed_client, port=9000, timeout=0.5
+        )
+        assert outside.peers == ()
+        # Routed out of ext1 it gets through, untranslated.
+        await asyncio.to_thread(route_pods_via_ext1, topology)
+        assert (await asyncio.to_thread(from_pod, topology, 0)).peer == IPv4Address(POD1)
+        assert [peer for peer, _ in outside.peers] == [IPv4Address(POD1)]
 
 
 async def test_sctp_is_translated_to_the_endpoint(topology, appliance):
@@ -238,12 +308,52 @@ async def test_target_change_moves_a_long_lived_udp_flow_and_spares_others(topol
         spared.close()
 
 
+def conntrack_ids(t: Topology, *, src, sport: int) -> list[str]:
+    """The conntrack ids of the appliance's UDP entries from src:sport (one per live flow)."""
+    lines = conntrack_entries(t, "-p", "udp", "-s", str(src), "--sport", str(sport), "-o", "id")
+    return [word for line in lines for word in line.split() if word.startswith("id=")]
+
+
+async def test_a_change_keeps_the_flows_the_new_plan_still_allows(topology, echo_servers, appliance):
+    sources = ("203.0.113.0/24",)
+    await appliance.apply(
+        mapping("web", mode="direct", ports=TCP_AND_UDP, sources=sources), services=[web()], slices=[web_slice((POD1,))]
+    )
+    kept = UdpFlow(topology.client, src=topology.allowed_client, sport=40011, dst="192.0.2.10", dport=53)
+    cut = UdpFlow(topology.client, src=topology.refused_client, sport=40012, dst="192.0.2.10", dport=53)
+    try:
+        assert parse_echo_reply(await asyncio.to_thread(kept.exchange, b"a")).name == "pod1"
+        assert parse_echo_reply(await asyncio.to_thread(cut.exchange, b"a")).name == "pod1"
+        entry = conntrack_ids(topology, src=topology.allowed_client, sport=40011)
+        assert len(entry) == 1
+        # One pass scales to pod1 + pod2 and narrows the allow-list to one that still holds the
+        # allowed client but no longer the refused one: only the refused client's flow must stop.
+        await appliance.apply(
+            mapping("web", mode="direct", ports=TCP_AND_UDP, sources=("198.18.0.0/24", "203.0.113.10/32")),
+            services=[web()],
+            slices=[web_slice((POD1, POD2))],
+        )
+        assert appliance.last_report.flows_deleted == 1
+        # Same conntrack entry, so still pod1 (a new entry would be spread over both pods).
+        for i in range(5):
+            assert parse_echo_reply(await asyncio.to_thread(kept.exchange, b"b%d" % i)).name == "pod1"
+        assert conntrack_ids(topology, src=topology.allowed_client, sport=40011) == entry
+        # The refused client's next datagram is a new flow, and the allow-list drops it.
+        assert await asyncio.to_thread(expect_no_reply, cut.exchange, b"b", 0.5)
+    finally:
+        kept.close()
+        cut.close()
+
+
 async def test_conflicting_and_invalid_mappings_leave_the_others_working(topology, echo_servers, appliance):
     winner = mapping("winner", namespace="default", mode="direct", created="2026-01-01T00:00:00Z")
-    loser = mapping("loser", namespace="default", mode="direct", created="2026-02-01T00:00:00Z", addresses=("192.0.2.10", "192.0.2.11"))
+    # The loser's Service is served by pod2 only: whoever answers on 192.0.2.10 tells who won.
+    loser = mapping("loser", namespace="default", mode="direct", created="2026-02-01T00:00:00Z", addresses=("192.0.2.10", "192.0.2.11"), service="api")
     bad = mapping("bad", invalid="spec.ports[0].port: 0 is not a port number (1-65535)")
     other = mapping("other", mode="direct", addresses=("198.51.100.10",), created="2026-03-01T00:00:00Z")
-    p = await appliance.apply(winner, loser, bad, other, services=[web()], slices=[web_slice((POD1,))])
+    api = service("api", ports=(("http", "tcp", 80, 8080),))
+    api_slice = endpoint_slice("api", ready=(POD2,))
+    p = await appliance.apply(winner, loser, bad, other, services=[web(), api], slices=[web_slice((POD1,)), api_slice])
     kinds = {str(v.key): v.kind for v in p.verdicts}
     assert kinds == {
         "default/winner": VerdictKind.CONFIGURED,
@@ -251,7 +361,8 @@ async def test_conflicting_and_invalid_mappings_leave_the_others_working(topolog
         "default/bad": VerdictKind.INVALID,
         "default/other": VerdictKind.CONFIGURED,
     }
-    assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
+    # Several new connections: a half-applied loser sharing the endpoint would send some to pod2.
+    assert await asyncio.to_thread(spread, topology, 10) == {"pod1"}
     assert (await asyncio.to_thread(client_tcp, topology, dst="198.51.100.10", port=80)).name == "pod1"
     # The loser's other address is not served: nothing half-applied.
     assert await asyncio.to_thread(
@@ -261,17 +372,34 @@ async def test_conflicting_and_invalid_mappings_leave_the_others_working(topolog
 
 async def test_unmapped_port_is_dropped_but_the_box_own_traffic_still_works(topology, echo_servers, appliance):
     await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice((POD1,))])
-    with echo_server(topology.appliance, "tcp", "192.0.2.10", 9999, name="local"):
+    # With a route back to the client the box's own server would answer it: only the drop stops it.
+    route_clients_via_ext1(topology)
+    before = dropped(appliance.ruleset(), names.FILTER_PREROUTING)
+    with echo_server(topology.appliance, "tcp", "192.0.2.10", 9999, name="local") as local:
         assert await asyncio.to_thread(
             expect_no_reply, tcp_request, topology.client, dst="192.0.2.10", port=9999, src=topology.allowed_client, timeout=0.5
         )
+        assert local.peers == ()
+    assert dropped(appliance.ruleset(), names.FILTER_PREROUTING) > before
     with echo_server(topology.client, "tcp", topology.allowed_client, 9001, name="outside"):
         # The box's own connection from an external address: its replies are established, not new.
-        await asyncio.to_thread(sh, topology.appliance, "ip", "route", "add", "203.0.113.10/32", "via", "192.0.2.1")
         reply = parse_echo_reply(
             await asyncio.to_thread(tcp_request, topology.appliance, dst=topology.allowed_client, port=9001, src="192.0.2.10")
         )
         assert reply.name == "outside"
+
+
+async def test_with_drop_unmapped_off_the_box_answers_on_an_unmapped_port(topology, echo_servers, appliance):
+    """The control experiment: the same server, reachable once the drop is switched off."""
+    settings = dataclasses.replace(SETTINGS, drop_unmapped=False)
+    await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice((POD1,))], settings=settings)
+    route_clients_via_ext1(topology)
+    with echo_server(topology.appliance, "tcp", "192.0.2.10", 9999, name="local"):
+        reply = await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=9999)
+    assert (reply.name, reply.peer) == ("local", topology.allowed_client)
+    assert "!= @external-ports" not in appliance.ruleset()
+    # The mapped port is still translated to the pod.
+    assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
 
 
 async def test_reapplying_the_same_state_changes_nothing_and_keeps_connections(topology, echo_servers, appliance):
@@ -318,14 +446,24 @@ async def test_incremental_update_serves_a_new_mapping_and_removes_an_old_one(to
 
 
 async def test_cleanup_removes_everything_owned_and_nothing_else(topology, echo_servers, appliance):
-    install_cluster_ip(topology, cluster_ip=CLUSTER_IP, port=80, protocol="tcp", backends=[(POD1, 8080)])
+    for port, proto, _ in TCP_AND_UDP:
+        install_cluster_ip(topology, cluster_ip=CLUSTER_IP, port=port, protocol=proto, backends=[(POD1, 8080)])
     sh(topology.appliance, "nft", "add table ip other")
-    await appliance.apply(mapping("web"), services=[web()], slices=[web_slice()])
-    assert "table ip smartnat" in appliance.ruleset()
+    await appliance.apply(mapping("web", ports=TCP_AND_UDP), services=[web()], slices=[web_slice()])
+    assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
+    assert (await asyncio.to_thread(client_udp, topology, dst="192.0.2.10", port=53)).name == "pod1"
+    udp_seen = len(echo_servers["pod1", "udp"].peers)
+
     await appliance.dataplane.cleanup()
+    # Nothing is served any more: no reply, and no datagram is translated to the pod.
+    for port, proto, _ in TCP_AND_UDP:
+        request = tcp_request if proto == "tcp" else udp_request
+        assert await asyncio.to_thread(
+            expect_no_reply, request, topology.client, dst="192.0.2.10", port=port, src=topology.allowed_client,
+            timeout=0.5,
+        ), proto
+    assert len(echo_servers["pod1", "udp"].peers) == udp_seen
     listing = appliance.ruleset()
     assert "smartnat" not in listing and "table ip other" in listing
     assert "lookup 2" not in sh(topology.appliance, "ip", "rule").stdout
     assert sh(topology.appliance, "ip", "route", "show", "table", "all", "proto", "200").stdout.strip() == ""
-    assert "table ip kube" in sh(topology.router, "nft", "list", "ruleset").stdout
-    wait_until(lambda: True, timeout=0.1)
