@@ -23,7 +23,9 @@ SOURCES = st.lists(
 
 
 @st.composite
-def mapping_specs(draw: st.DrawFn) -> MappingSpec:
+def mapping_specs(
+    draw: st.DrawFn, addresses: st.SearchStrategy[IPv4Address] = ADDRESSES, service_names: tuple[str, ...] = ("web", "missing")
+) -> MappingSpec:
     ports = draw(
         st.lists(
             st.tuples(st.sampled_from([80, 443, 53]), st.sampled_from(list(Protocol))),
@@ -33,9 +35,9 @@ def mapping_specs(draw: st.DrawFn) -> MappingSpec:
         )
     )
     return MappingSpec(
-        addresses=tuple(draw(st.lists(ADDRESSES, min_size=1, max_size=2, unique=True))),
+        addresses=tuple(draw(st.lists(addresses, min_size=1, max_size=2, unique=True))),
         allowed_sources=draw(SOURCES),
-        service_name=draw(st.sampled_from(["web", "missing"])),
+        service_name=draw(st.sampled_from(service_names)),
         mode=draw(st.sampled_from(list(Mode))),
         ports=tuple(MappingPort(p, proto, 80 if proto == Protocol.TCP else 53) for p, proto in ports),
     )
@@ -60,6 +62,26 @@ def unique_by_key(ms: list[Mapping]) -> list[Mapping]:
 
 
 MAPPING_LISTS = st.lists(mappings(), max_size=12).map(unique_by_key)
+
+# Mostly valid Mappings of an existing Service on three addresses, one of them not on HOST:
+# many claim the same endpoints, so conflicts, chains of them (A blocks B, B blocks C) and NotLocal claimants are
+# common rather than rare.
+CONTESTED_ADDRESSES = st.sampled_from(["192.0.2.10", "198.51.100.10", "203.0.113.99"]).map(IPv4Address)
+
+
+@st.composite
+def contested_mappings(draw: st.DrawFn) -> Mapping:
+    invalid = draw(st.sampled_from([False] * 5 + [True]))
+    spec = Invalid("spec.mode: \"x\" is not a mode (service, direct)") if invalid else draw(mapping_specs(CONTESTED_ADDRESSES, ("web", "web", "web", "missing")))
+    return Mapping(
+        key=ObjectKey(draw(NAMESPACES), draw(NAMES)),
+        spec=spec,
+        creation_timestamp=draw(TIMESTAMPS),
+        deleting=draw(st.sampled_from([False] * 7 + [True])),
+    )
+
+
+CONTESTED_MAPPING_LISTS = st.lists(contested_mappings(), min_size=1, max_size=12).map(unique_by_key)
 
 SERVICES = tuple(
     service(namespace=ns, ports=(("http", "tcp", 80, 8080), ("dns", "udp", 53, 5353), ("s", "sctp", 80, 9000)))
