@@ -153,7 +153,9 @@ def _take_object(obj: Any, *, where: str, seen: dict[str, _Seen], problems: list
         return
     if key is None:
         # Only a Mapping gets here without a name (it always parses); a cluster has none such.
-        problems.append(f"{where}: {label}: metadata.name is missing")
+        # Its reason names metadata.name and anything else wrong with the object.
+        reason = parsed.spec.reason if isinstance(parsed, Mapping) and isinstance(parsed.spec, Invalid) else ""
+        problems.append(f"{where}: {label}: {reason or 'metadata.name is missing'}")
         return
     bucket = seen[type(parsed).__name__]
     if key in bucket:

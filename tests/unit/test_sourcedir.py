@@ -224,7 +224,13 @@ def test_unreadable_file_is_a_problem(tmp_path: Path) -> None:
         ),
         (
             "apiVersion: smartnat.aureacentral.com/v1alpha1\nkind: Mapping\nspec: {}\n",
-            "x.yaml: document 1: Mapping: metadata.name is missing",
+            "x.yaml: document 1: Mapping: metadata.name is missing; spec.addresses is missing;"
+            " spec.ports is missing; spec.serviceName is missing",
+        ),
+        (
+            "apiVersion: smartnat.aureacentral.com/v1alpha1\nkind: Mapping\nmetadata: x\n"
+            "spec: {addresses: [192.0.2.10], serviceName: a, ports: [{port: 80}]}\n",
+            'x.yaml: document 1: Mapping: metadata: "x" is not an object; metadata.name is missing',
         ),
         (
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, namespace: n,"
