@@ -55,7 +55,7 @@ class Settings:
     nft_backend: str = "auto"  # auto | library | process
     full_resync_period_sec: int = 300
     sync_debounce_ms: int = 10
-    lease_namespace: str = "kube-node-lease"
+    lease_namespace: str = "smartnat-system"
     lease_duration_sec: int = 30
     # Not a setting: names of the fields whose value came from the environment (for describe()).
     from_env: frozenset[str] = field(default=frozenset(), repr=False, compare=False)

@@ -168,7 +168,7 @@ async def test_mapping_service_and_endpoints_from_the_api_drive_the_kernel(
     assert status["configuredAddresses"] == {ADDRESS: {"podIPs": ["10.244.1.2"]}}
     assert status["appliances"]["e2e"]["configured"] == [f"{ADDRESS}:80/tcp"]
     assert kube_api.current(MAPPINGS, "echo", namespace=NS)["metadata"]["finalizers"] == [FINALIZER]
-    assert kube_api.current(LEASES, "smartnat-e2e", namespace="kube-node-lease")["spec"]["holderIdentity"] == "e2e"
+    assert kube_api.current(LEASES, "smartnat-e2e", namespace="smartnat-system")["spec"]["holderIdentity"] == "e2e"
 
     # Scaled: pod2 joins the EndpointSlice, new connections reach it. The first status patch
     # for it meets a conflict: write-back retries on a later pass that changes nothing else.

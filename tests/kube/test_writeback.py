@@ -99,7 +99,7 @@ async def appliances(kube_api: KubeEmulator) -> AsyncIterator[Callable[..., Any]
         appliance.task = asyncio.create_task(source.run())
         made.append(appliance)
         await async_wait_until(lambda: store.is_synced, timeout=5, message=f'{name} synced')
-        await async_wait_until(lambda: kube_api.current(LEASES, f'smartnat-{name}', namespace='kube-node-lease'),
+        await async_wait_until(lambda: kube_api.current(LEASES, f'smartnat-{name}', namespace='smartnat-system'),
                                timeout=5, message=f'{name} Lease')
         return appliance
 
@@ -411,12 +411,12 @@ async def test_the_finalizer_is_never_added_while_the_mapping_is_deleted(
 
 async def test_the_lease_is_created_then_renewed_by_merge_patch(kube_api: KubeEmulator, appliances: Any) -> None:
     ap1 = await appliances('ap1')
-    lease = kube_api.current(LEASES, 'smartnat-ap1', namespace='kube-node-lease')
+    lease = kube_api.current(LEASES, 'smartnat-ap1', namespace='smartnat-system')
     assert lease['spec']['holderIdentity'] == 'ap1' and lease['spec']['leaseDurationSeconds'] == 15
     await ap1.source.leases.renew()
     [created] = kube_api.recorded(verb='create', resource=LEASES)
     [renewed] = kube_api.recorded(verb='patch', resource=LEASES)
-    assert created.namespace == 'kube-node-lease'
+    assert created.namespace == 'smartnat-system'
     assert renewed.content_type == MERGE_PATCH and set(renewed.body['spec']) == {
         'holderIdentity', 'leaseDurationSeconds', 'renewTime'}
 

@@ -43,6 +43,8 @@ from typing import Any
 import pytest
 import yaml
 
+from smartnatd.settings import Settings
+
 REPO = Path(__file__).resolve().parents[2]
 PROVISION = REPO / "packer" / "provision.sh"
 SMARTNAT_UNIT = REPO / "packaging" / "systemd" / "smartnat.service"
@@ -826,10 +828,12 @@ def test_cluster_role_grants_exactly_what_smartnatd_uses(rbac: dict[tuple[str, s
     assert grants(rbac[("ClusterRole", "", "smartnat")]) == needed_grants(leases=False)
 
 
-def test_leases_only_in_kube_node_lease(rbac: dict[tuple[str, str, str], Any]) -> None:
-    role = rbac[("Role", "kube-node-lease", "smartnat-leases")]
+def test_leases_only_in_the_default_lease_namespace(rbac: dict[tuple[str, str, str], Any]) -> None:
+    # Not kube-node-lease: the grant there would reach every node's heartbeat Lease.
+    assert Settings().lease_namespace == "smartnat-system"
+    role = rbac[("Role", "smartnat-system", "smartnat-leases")]
     assert grants(role) == needed_grants(leases=True)
-    binding = rbac[("RoleBinding", "kube-node-lease", "smartnat-leases")]
+    binding = rbac[("RoleBinding", "smartnat-system", "smartnat-leases")]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "smartnat-leases"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "smartnat", "namespace": "smartnat-system"}]
     assert not any(kind == "ClusterRole" and "leases" in str(doc) for (kind, _, _), doc in rbac.items())

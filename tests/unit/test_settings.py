@@ -56,7 +56,7 @@ def test_defaults_are_smartnats_and_the_documented_new_ones():
     assert settings.nft_backend == "auto"
     assert settings.full_resync_period_sec == 300
     assert settings.sync_debounce_ms == 10
-    assert settings.lease_namespace == "kube-node-lease"
+    assert settings.lease_namespace == "smartnat-system"
     assert settings.lease_duration_sec == 30
 
 
