@@ -130,6 +130,13 @@ def gateway_of(address: IPv4Interface, offset: int) -> IPv4Address:
 def _return_paths(host: Host, settings: Settings) -> tuple[tuple[ReturnPath, ...], tuple[str, ...]]:
     paths: list[ReturnPath] = []
     problems: list[str] = []
+    if not host.interfaces:
+        # Valid settings that fit no interface of this box serve nothing: say so, once.
+        problems.append(
+            f"no interface matches SNCTRLR_INTERFACES_PATTERN={settings.interfaces_pattern}"
+            + (f" (besides SNCTRLR_DEFAULT_GW_INTERFACE={settings.default_gw_interface})" if settings.default_gw_interface else "")
+            + "; no address of this box is served"
+        )
     for iface in sorted(host.interfaces, key=lambda i: i.name):
         if not iface.addresses:
             continue

@@ -193,9 +193,16 @@ def test_managed_addresses_are_all_external_addresses():
     assert p.desired.external_interfaces == ("ext1", "ext2")
 
 
-def test_empty_host_serves_nothing():
+def test_empty_host_serves_nothing_and_says_no_interface_matched():
     p = plan(snap(mapping("a"), services=[service()], h=host()), SETTINGS)
     assert p.desired.dnats == () and p.verdicts[0].kind == VerdictKind.NOT_LOCAL
+    # Valid settings that fit no interface (an image whose NICs are ens5, not eth1) must not
+    # pass for a quiet box.
+    assert p.host_problems == (
+        f"no interface matches SNCTRLR_INTERFACES_PATTERN={SETTINGS.interfaces_pattern} (besides "
+        f"SNCTRLR_DEFAULT_GW_INTERFACE={SETTINGS.default_gw_interface}); no address of this box is served",
+    )
+    assert plan(snap(mapping("a"), services=[service()]), SETTINGS).host_problems == ()
 
 
 def test_offset_beyond_the_address_space_is_a_host_problem_not_a_crash():
