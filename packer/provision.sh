@@ -13,7 +13,9 @@
 #   SKIP_DOWNLOADS=1      do not download kube-proxy and kubectl
 #   SKIP_PACKAGES=1       do not run apt-get
 #   SKIP_VENV=1           do not create /opt/smartnat nor pip-install smartnatd
-#   ENABLE_KUBE_PROXY=0   do not enable kube-proxy.service (every Mapping uses "mode: direct")
+#   ENABLE_KUBE_PROXY=0   leave kube-proxy.service disabled, and disable it if an earlier run
+#                         enabled it: every Mapping uses "mode: direct". smartnat.service only
+#                         orders itself after kube-proxy, so a disabled kube-proxy never starts.
 #
 # Existing /etc/smartnat/*.env files are kept: only missing ones are installed.
 set -euo pipefail
@@ -133,12 +135,21 @@ fi
 
 # --- enable the units (not started: the image has no kubeconfig yet) --------------------------------
 units=(smartnat.service)
-[[ ${ENABLE_KUBE_PROXY:-1} == 1 ]] && units+=(kube-proxy.service)
+disabled=()
+if [[ ${ENABLE_KUBE_PROXY:-1} == 1 ]]; then
+  units+=(kube-proxy.service)
+else
+  disabled+=(kube-proxy.service)
+fi
 if [[ -n $root ]]; then
-  # What `systemctl enable` does for WantedBy=multi-user.target, without needing systemctl.
-  install -d -m 0755 "$root/etc/systemd/system/multi-user.target.wants"
+  # What `systemctl enable`/`disable` do for WantedBy=multi-user.target, without systemctl.
+  wants=$root/etc/systemd/system/multi-user.target.wants
+  install -d -m 0755 "$wants"
   for unit in "${units[@]}"; do
-    ln -sfn -- "$unit_dir/$unit" "$root/etc/systemd/system/multi-user.target.wants/$unit"
+    ln -sfn -- "$unit_dir/$unit" "$wants/$unit"
+  done
+  for unit in "${disabled[@]}"; do
+    rm -f -- "$wants/$unit"
   done
 else
   if [[ -d /run/systemd/system ]]; then
@@ -146,6 +157,9 @@ else
     sysctl --quiet --load=/etc/sysctl.d/90-smartnat.conf
   fi
   systemctl enable "${units[@]}"
+  if ((${#disabled[@]})); then
+    systemctl disable "${disabled[@]}"
+  fi
 fi
 log "done; next: write /etc/smartnat/kubeconfig (kubeconfig-from-serviceaccount.sh) and" \
   "set SNCTRLR_INTERFACES_PATTERN in /etc/smartnat/smartnat.env, then: systemctl start smartnat"

@@ -151,6 +151,14 @@ def test_provision_keeps_operator_configuration_and_can_skip_kube_proxy(tmp_path
     assert provision(tmp_path, ENABLE_KUBE_PROXY="0").returncode == 0
 
 
+def test_provision_without_kube_proxy_disables_an_earlier_enabled_one(tmp_path: Path) -> None:
+    assert provision(tmp_path).returncode == 0
+    result = provision(tmp_path, ENABLE_KUBE_PROXY="0")
+    assert result.returncode == 0, result.stderr
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
+    assert sorted(p.name for p in wants.iterdir()) == ["smartnat.service"]
+
+
 def test_provision_installs_from_a_tarball_like_packer_uploads(tmp_path: Path) -> None:
     # The shape of `git archive --prefix=smartnat/ HEAD`: everything below one top directory.
     tarball = tmp_path / "smartnat-src.tar.gz"
@@ -220,8 +228,10 @@ def test_smartnat_unit_lifecycle() -> None:
     unit = unit_settings(SMARTNAT_UNIT)
     u, s = unit["Unit"], unit["Service"]
     assert words(u["After"]) >= {"network-online.target", "kube-proxy.service"}
-    assert words(u["Wants"]) >= {"network-online.target", "kube-proxy.service"}
-    assert "kube-proxy.service" not in words(u.get("Requires", []) + u.get("BindsTo", []) + u.get("Requisite", []))
+    assert words(u["Wants"]) >= {"network-online.target"}
+    # Ordering only: Wants= would start kube-proxy even where it is disabled ("mode: direct").
+    pulls = ("Wants", "Requires", "BindsTo", "Requisite", "Upholds")
+    assert "kube-proxy.service" not in words([v for key in pulls for v in u.get(key, [])])
     assert s["Type"] == ["notify"]
     assert s["WatchdogSec"] == ["30s"]
     assert s["ExecStart"] == ["/opt/smartnat/bin/smartnatd run"]
