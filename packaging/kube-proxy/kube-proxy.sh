@@ -5,6 +5,12 @@
 # here, so that smartnatd can DNAT "mode: service" Mappings to a ClusterIP. --masquerade-all makes
 # pods answer through this box whatever the source address was.
 #
+# --nodeport-addresses=127.0.0.1/32: by default kube-proxy serves every NodePort of the cluster on
+# every address of the box, including the cluster-facing and default-route ones, which
+# smartnatd's drop of unmapped traffic does not cover (it covers the external interfaces'
+# addresses only). The appliance needs ClusterIPs, not NodePorts, and IPVS mode never serves
+# NodePorts on loopback (kubernetes/kubernetes#96879): with this, no NodePort is open at all.
+#
 # Settings come from $KUBE_PROXY_ENV (default /etc/smartnat/kube-proxy.env); without the file the
 # defaults below apply. Exit codes: 78 (EX_CONFIG) for a missing binary or kubeconfig, so
 # systemd does not restart in a loop; otherwise kube-proxy's own.
@@ -41,6 +47,7 @@ exec "$bin" \
   --proxy-mode=ipvs \
   --masquerade-all \
   --kubeconfig="$kubeconfig" \
+  --nodeport-addresses=127.0.0.1/32 \
   --healthz-bind-address=127.0.0.1:10256 \
   --metrics-bind-address=127.0.0.1:10249 \
   "${extra_args[@]}" \

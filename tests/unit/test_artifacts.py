@@ -325,6 +325,7 @@ def test_kube_proxy_wrapper_loads_modules_and_runs_ipvs_mode(fake_kube_proxy: di
     assert (fake_kube_proxy["dir"] / "modprobe.log").read_text().split() == ["sn_test_absent_module"]
     args = (fake_kube_proxy["dir"] / "kube-proxy.log").read_text().split()
     assert args[:3] == ["--proxy-mode=ipvs", "--masquerade-all", f"--kubeconfig={fake_kube_proxy['kubeconfig']}"]
+    assert "--nodeport-addresses=127.0.0.1/32" in args  # no NodePorts on the box's addresses
     assert args[-3:] == ["--v=2", "--ipvs-scheduler=wrr", "--extra"]
 
 
