@@ -343,6 +343,32 @@ def test_default_kube_proxy_env_names_ipvs_modules() -> None:
     assert modules and set(modules.group(1).split()) >= {"ip_vs", "ip_vs_rr", "nf_conntrack"}
 
 
+# ---- modules-load.d ---------------------------------------------------------------------------
+
+
+def test_modules_load_lists_the_modules_the_ruleset_needs() -> None:
+    listed = {
+        line.strip()
+        for line in (REPO / "packaging/modules-load.d/smartnat.conf").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith(("#", ";"))
+    }
+    ruleset = (REPO / "tests/golden/full.nft").read_text()
+    # What the golden ruleset uses -> the Debian 12 (6.1) module providing it; counters, sets,
+    # lookups and payload/meta matches are part of nf_tables.ko itself.
+    providers = {
+        "type nat hook": "nft_chain_nat",
+        "ct state": "nft_ct",
+        "ct mark": "nft_ct",
+        "dnat ip to": "nft_nat",
+        "snat ip to": "nft_nat",
+        "masquerade": "nft_masq",
+        "numgen": "nft_numgen",
+    }
+    needed = {"nf_tables", "nf_conntrack", "nf_conntrack_netlink", "nf_nat"}
+    needed |= {module for keyword, module in providers.items() if keyword in ruleset}
+    assert needed <= listed, f"missing from modules-load.d: {sorted(needed - listed)}"
+
+
 # ---- sysctl -----------------------------------------------------------------------------------
 
 
