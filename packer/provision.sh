@@ -105,10 +105,15 @@ if [[ ${SKIP_VENV:-0} == 1 ]]; then
 else
   python3 -m venv "$root$venv"
   "$root$venv/bin/python" -m pip install --quiet --no-cache-dir --upgrade pip
-  # Build from a copy: setuptools writes build/ and *.egg-info into the tree it builds, and a
-  # developer checkout may hold a .venv that must not be copied along.
+  # Build from a copy: setuptools writes build/ and *.egg-info into the tree it builds. A
+  # developer checkout may also hold a .venv, packer's output (packer/build/: disk images) and
+  # test and bytecode caches, none of which belong in the copy (or would make it huge).
   mkdir "$work/build"
-  tar -C "$src" --exclude=./.git --exclude=./.venv --exclude=./build -cf - . | tar -C "$work/build" -xf -
+  excludes=(
+    ./.git ./.venv ./build ./dist ./packer/build
+    '*.egg-info' __pycache__ .pytest_cache .mypy_cache .hypothesis
+  )
+  tar -C "$src" "${excludes[@]/#/--exclude=}" -cf - . | tar -C "$work/build" -xf -
   "$root$venv/bin/python" -m pip install --quiet --no-cache-dir "$work/build"
   "$root$venv/bin/smartnatd" --version >/dev/null
 fi
