@@ -138,7 +138,11 @@ else
   download kubectl
 fi
 
-# --- enable the units (not started: the image has no kubeconfig yet) --------------------------------
+# --- enable the units -----------------------------------------------------------------------------
+# Enabled, not started now: they start at the next boot (an image's first boot included). Until
+# /etc/smartnat/smartnat.env and the kubeconfigs are configured they exit 78 and stay failed (no
+# restart loop); configured from cloud-init's write_files, which runs before
+# network-online.target, they come up at first boot.
 units=(smartnat.service)
 disabled=()
 if [[ ${ENABLE_KUBE_PROXY:-1} == 1 ]]; then
@@ -166,5 +170,8 @@ else
     systemctl disable "${disabled[@]}"
   fi
 fi
+started=smartnat
+[[ ${ENABLE_KUBE_PROXY:-1} == 1 ]] && started="kube-proxy smartnat"
 log "done; next: write /etc/smartnat/kubeconfig (kubeconfig-from-serviceaccount.sh) and" \
-  "set SNCTRLR_INTERFACES_PATTERN in /etc/smartnat/smartnat.env, then: systemctl start smartnat"
+  "set SNCTRLR_INTERFACES_PATTERN in /etc/smartnat/smartnat.env, then: systemctl restart $started" \
+  "(enabled: until configured they fail at boot with exit 78)"

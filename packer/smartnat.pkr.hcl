@@ -5,9 +5,13 @@
 #   packer build -only='qemu.debian12' packer/          # needs qemu-system-x86, xorriso, KVM
 #
 # The image holds the committed source tree (`git archive HEAD`: commit first) installed by
-# provision.sh into /opt/smartnat, the units (enabled, not started), kube-proxy and kubectl.
-# Configure an instance with /etc/smartnat/smartnat.env and /etc/smartnat/kubeconfig (see
-# etc/kubeconfig-from-serviceaccount.sh), then `systemctl start kube-proxy smartnat`.
+# provision.sh into /opt/smartnat, kube-proxy and kubectl, and the units, enabled: they start at
+# every boot, the first included. Until an instance has /etc/smartnat/smartnat.env,
+# /etc/smartnat/kubeconfig and /etc/smartnat/kube-proxy.kubeconfig (see
+# etc/kubeconfig-from-serviceaccount.sh) they exit 78 and stay failed, without a restart loop.
+# Write those files from cloud-init (write_files runs before network-online.target, which both
+# units wait for) and the instance serves from its first boot; or write them by hand, then
+# `systemctl restart kube-proxy smartnat`. enable_kube_proxy=false: "mode: direct" only.
 
 packer {
   required_version = ">= 1.10.0"
@@ -33,6 +37,12 @@ variable "kube_version" {
   type        = string
   default     = "1.33.4"
   description = "kube-proxy and kubectl release (dl.k8s.io); keep within kube-proxy's version skew of the cluster."
+}
+
+variable "enable_kube_proxy" {
+  type        = bool
+  default     = true
+  description = "Enable kube-proxy.service in the image; false when every Mapping uses mode: direct."
 }
 
 variable "aws_region" {
@@ -179,6 +189,7 @@ build {
     environment_vars = [
       "SMARTNAT_SRC_TARBALL=${local.tarball}",
       "KUBE_VERSION=${var.kube_version}",
+      "ENABLE_KUBE_PROXY=${var.enable_kube_proxy ? 1 : 0}",
     ]
     execute_command = "chmod +x {{ .Path }}; sudo env {{ .Vars }} {{ .Path }}"
   }

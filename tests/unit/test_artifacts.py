@@ -1003,6 +1003,7 @@ def test_packer_template_builds_debian_12_and_runs_provision_sh() -> None:
     assert 'destination = local.tarball' in text
     assert '"SMARTNAT_SRC_TARBALL=${local.tarball}"' in text
     assert '"KUBE_VERSION=${var.kube_version}"' in text
+    assert '"ENABLE_KUBE_PROXY=${var.enable_kube_proxy ? 1 : 0}"' in text
 
 
 def test_vagrantfile_is_valid_ruby() -> None:
