@@ -9,7 +9,8 @@
 #                         uploads `git archive --prefix=smartnat/ HEAD` output)
 #   SMARTNAT_ROOT         install below this directory instead of / (for tests). Then apt-get
 #                         is never run and units are enabled by symlink, not by systemctl.
-#   KUBE_VERSION          kube-proxy (and kubectl) version from dl.k8s.io, default below
+#   KUBE_VERSION          kube-proxy (and kubectl) version from dl.k8s.io; default: the one
+#                         pinned in packaging/kube-version of the source tree
 #   SKIP_DOWNLOADS=1      do not download kube-proxy and kubectl
 #   SKIP_PACKAGES=1       do not run apt-get
 #   SKIP_VENV=1           do not create /opt/smartnat nor pip-install smartnatd
@@ -22,7 +23,6 @@ set -euo pipefail
 
 root=${SMARTNAT_ROOT:-}
 root=${root%/}
-kube_version=${KUBE_VERSION:-1.33.4}
 venv=/opt/smartnat
 unit_dir=/usr/local/lib/systemd/system
 libexec_dir=/usr/local/libexec/smartnat
@@ -42,8 +42,6 @@ die() {
 if [[ -z $root && $EUID -ne 0 ]]; then
   die "run as root (or set SMARTNAT_ROOT to install below a directory)"
 fi
-[[ $kube_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "KUBE_VERSION='$kube_version' is not like 1.33.4"
-
 work=$(mktemp -d)
 trap 'rm -rf -- "$work"' EXIT
 
@@ -57,6 +55,11 @@ else
 fi
 [[ -f $src/pyproject.toml && -d $src/packaging/systemd ]] || die "$src is not a smartnatd source tree"
 log "installing from $src into ${root:-/}"
+kube_version=${KUBE_VERSION:-}
+if [[ -z $kube_version && -r $src/packaging/kube-version ]]; then
+  kube_version=$(<"$src/packaging/kube-version")
+fi
+[[ $kube_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "KUBE_VERSION='$kube_version' is not a release number X.Y.Z"
 
 # --- system packages ---------------------------------------------------------------------------
 if [[ ${SKIP_PACKAGES:-0} == 1 ]]; then
@@ -132,7 +135,7 @@ download() { # download NAME: fetch a Kubernetes release binary, check its sha25
   put 0755 "$work/$1" "/usr/local/bin/$1"
 }
 if [[ ${SKIP_DOWNLOADS:-0} == 1 ]]; then
-  log "skipping kube-proxy and kubectl downloads (SKIP_DOWNLOADS=1)"
+  log "skipping kube-proxy and kubectl $kube_version downloads (SKIP_DOWNLOADS=1)"
 else
   download kube-proxy
   download kubectl

@@ -35,8 +35,8 @@ variable "smartnat_version" {
 
 variable "kube_version" {
   type        = string
-  default     = "1.33.4"
-  description = "kube-proxy and kubectl release (dl.k8s.io); keep within kube-proxy's version skew of the cluster."
+  default     = ""
+  description = "kube-proxy and kubectl release (dl.k8s.io); keep within kube-proxy's version skew of the cluster. Empty: the one pinned in packaging/kube-version."
 }
 
 variable "enable_kube_proxy" {
@@ -89,6 +89,8 @@ locals {
   # Password of the temporary build user of the qemu build; the user is deleted before shutdown.
   build_password = uuidv4()
   tarball        = "/tmp/smartnat-src.tar.gz"
+  # What provision.sh installs when var.kube_version is empty; for the AMI's tags only.
+  kube_version = var.kube_version != "" ? var.kube_version : trimspace(file("${path.root}/../packaging/kube-version"))
 }
 
 source "amazon-ebs" "debian12" {
@@ -122,7 +124,7 @@ source "amazon-ebs" "debian12" {
   tags = {
     Name             = local.image_name
     smartnat_version = var.smartnat_version
-    kube_version     = var.kube_version
+    kube_version     = local.kube_version
     base             = "{{ .SourceAMIName }}"
   }
 }

@@ -1006,6 +1006,15 @@ def test_packer_template_builds_debian_12_and_runs_provision_sh() -> None:
     assert '"ENABLE_KUBE_PROXY=${var.enable_kube_proxy ? 1 : 0}"' in text
 
 
+def test_kube_version_is_pinned_in_one_file() -> None:
+    version = (REPO / "packaging/kube-version").read_text()
+    assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+\n", version), repr(version)
+    # Everything else reads the file; a second copy of the number would go stale.
+    for path in (PROVISION, PACKER_TEMPLATE, VAGRANT / "Vagrantfile", REPO / "docs/operator-guide.md"):
+        assert version.strip() not in path.read_text(), f"{path.relative_to(REPO)} repeats {version.strip()}"
+        assert "packaging/kube-version" in path.read_text(), path
+
+
 def test_vagrantfile_is_valid_ruby() -> None:
     ruby = need("ruby", "ruby")
     result = run([ruby, "-c", VAGRANT / "Vagrantfile"])
