@@ -43,6 +43,8 @@ from typing import Any
 import pytest
 import yaml
 
+from smartnatd.kube.objects import parse_mapping
+from smartnatd.model import Invalid
 from smartnatd.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -605,6 +607,8 @@ REJECTED = {
     "unknown mode": with_spec(mode="nat"),
     "empty serviceName": with_spec(serviceName=""),
     "serviceName of 63": with_spec(serviceName="x" * 63),
+    "serviceName not a DNS-1035 label": with_spec(serviceName="Bad_Name"),
+    "serviceName starting with a digit": with_spec(serviceName="1web"),
     "same port twice (tcp by default)": with_spec(ports=[{"port": 80}, {"port": 80, "protocol": "tcp"}]),
     "same address twice": with_spec(addresses=["192.0.2.1", "192.0.2.1"]),
     "port without number": with_spec(ports=[{"protocol": "tcp", "servicePort": 80}]),
@@ -701,6 +705,17 @@ def test_crd_accepts_valid_mappings_unchanged(schema: dict[str, Any], obj: dict[
 def test_crd_rejects_broken_mappings(schema: dict[str, Any], case: str) -> None:
     _, errors = admit(schema, REJECTED[case])
     assert errors, f"{case} was accepted"
+
+
+@pytest.mark.parametrize(
+    "spec", [{"allowedSource": ["10.0.0.0/8"]}, {"ports": [{"port": 80, "servicPort": 8080}]}], ids=str
+)
+def test_crd_keeps_a_misspelt_field_for_smartnatd_to_refuse(schema: dict[str, Any], spec: dict[str, Any]) -> None:
+    # Pruned, a misspelt allowedSources would serve the Mapping to everyone without a word.
+    stored, errors = admit(schema, with_spec(**spec))
+    assert errors == []
+    reason = parse_mapping(stored).spec
+    assert isinstance(reason, Invalid) and "unknown field; did you mean" in reason.reason
 
 
 def test_crd_accepts_the_demo_mappings(schema: dict[str, Any]) -> None:
