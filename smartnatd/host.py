@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import re
 from collections.abc import Callable
 from ipaddress import IPv4Interface
 from socket import AF_INET
@@ -21,6 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
 
 from smartnatd.model import Host, HostInterface
+from smartnatd.settings import InterfacePattern
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ _IFA_F_SECONDARY = 0x1
 _OPER_UP = {"UP", "UNKNOWN"}
 
 
-async def discover(ipr: AsyncIPRoute, *, pattern: re.Pattern[str], default_gw_interface: str) -> Host:
+async def discover(ipr: AsyncIPRoute, *, pattern: InterfacePattern, default_gw_interface: str) -> Host:
     """External interfaces: names matching `pattern` anywhere, except the default gateway's.
 
     `pattern.search` keeps SmartNat's Go regexp.MatchString semantics (unanchored). Addresses
@@ -80,7 +80,7 @@ class HostWatcher:
         self,
         *,
         netns: str | None,
-        pattern: re.Pattern[str],
+        pattern: InterfacePattern,
         default_gw_interface: str,
         on_change: Callable[[], None],
         refresh_period: float,

@@ -18,10 +18,11 @@ import difflib
 import ipaddress
 import re
 import socket
-import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol, cast
+
+import re2  # google-re2
 
 from smartnatd.errors import SettingsError
 
@@ -61,110 +62,70 @@ class Settings:
     from_env: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     @property
-    def interfaces_regex(self) -> re.Pattern[str]:
+    def interfaces_regex(self) -> InterfacePattern:
         """The pattern compiled with Go's meaning; no pattern (require=False) matches no interface."""
         if not self.interfaces_pattern:
-            return re.compile(r"(?!)")
+            return _MatchesNothing()
         return _compile_go_regex(self.interfaces_pattern)
 
 
-# --- Go regexp (RE2 syntax) -> Python re --------------------------------------------------------
-
-# Go's POSIX classes (regexp/syntax/perl_groups.go), written as Python class contents.
-_POSIX_CLASSES = {
-    "alnum": "0-9A-Za-z",
-    "alpha": "A-Za-z",
-    "ascii": r"\x00-\x7f",
-    "blank": r"\t ",
-    "cntrl": r"\x00-\x1f\x7f",
-    "digit": "0-9",
-    "graph": "!-~",
-    "lower": "a-z",
-    "print": " -~",
-    "punct": r"!-/:-@\[-`{-~",
-    "space": r"\t\n\v\f\r ",
-    "upper": "A-Z",
-    "word": "0-9A-Za-z_",
-    "xdigit": "0-9A-Fa-f",
-}
-# Negated POSIX classes that Python can still say inside a bracket expression.
-_NEGATED_POSIX_CLASSES = {"digit": r"\D", "space": r"\S", "word": r"\W"}
-_POSIX_CLASS = re.compile(r"\[:(\^?)([a-z]+):\]")
+# --- Go regexp (RE2 syntax) ------------------------------------------------------------------
 
 
-def _python_regex(go_pattern: str) -> str:
-    """Rewrite the Go-only parts of an RE2 pattern; raise ValueError for ones Python cannot say."""
-    out: list[str] = []
-    i, n = 0, len(go_pattern)
-    while i < n:
-        c = go_pattern[i]
-        if c == "\\":
-            pair = go_pattern[i : i + 2]
-            if pair == "\\Q":  # literal text up to \E or the end
-                end = go_pattern.find("\\E", i + 2)
-                stop = n if end < 0 else end
-                out.append(re.escape(go_pattern[i + 2 : stop]))
-                i = n if end < 0 else end + 2
-                continue
-            if pair == "\\z":
-                out.append(r"\Z")
-            elif pair in ("\\p", "\\P"):
-                raise ValueError("Unicode classes (\\p) are not supported; interface names are ASCII, use [A-Za-z]")
-            else:
-                out.append(pair)
-            i += 2
-            continue
-        if c == "[":
-            i = _bracket(go_pattern, i, out)
-            continue
-        if go_pattern.startswith("(?<", i) and go_pattern[i + 3 : i + 4] not in ("=", "!"):
-            out.append("(?P<")  # Go 1.22 named group
-            i += 3
-            continue
-        out.append(c)
-        i += 1
-    return "".join(out)
+class InterfacePattern(Protocol):
+    """A compiled SNCTRLR_INTERFACES_PATTERN: searched in interface names."""
+
+    def search(self, text: str) -> object | None: ...
 
 
-def _bracket(go_pattern: str, start: int, out: list[str]) -> int:
-    """Copy the bracket expression at `start` to `out`, translating POSIX classes; return its end."""
-    n = len(go_pattern)
-    i = start + 1
-    out.append("[")
-    if go_pattern[i : i + 1] == "^":
-        out.append("^")
-        i += 1
-    if go_pattern[i : i + 1] == "]":  # a leading ] is a literal, in Go as in Python
-        out.append(r"\]")
-        i += 1
-    while i < n:
-        c = go_pattern[i]
-        if c == "]":
-            out.append("]")
-            return i + 1
-        if c == "\\":
-            out.append(go_pattern[i : i + 2])
-            i += 2
-            continue
-        posix = _POSIX_CLASS.match(go_pattern, i)
-        if posix:
-            negated, name = posix.groups()
-            if name not in _POSIX_CLASSES:
-                raise ValueError(f"unknown POSIX class [:{negated}{name}:]")
-            if negated and name not in _NEGATED_POSIX_CLASSES:
-                raise ValueError(f"negated POSIX class [:^{name}:] is not supported; write [^{_POSIX_CLASSES[name]}]")
-            out.append(_NEGATED_POSIX_CLASSES[name] if negated else _POSIX_CLASSES[name])
-            i = posix.end()
-            continue
-        out.append(r"\[" if c == "[" else c)  # a literal [ in Go; Python would warn "nested set"
-        i += 1
-    return n  # unterminated: Python's compiler reports it
+# Go's regexp/syntax limits that RE2 in C++ does not share: C++ RE2 reads a repeat count too
+# large to parse as the literal text "{...}", and takes any nesting depth.
+_GO_MAX_REPEAT = 1000
+_GO_MAX_NESTING = 1000
+_REPEAT = re.compile(r"\{([0-9]+)(?:,([0-9]*))?\}")
 
 
-def _compile_go_regex(go_pattern: str) -> re.Pattern[str]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # Python's "possible set operation" hints
-        return re.compile(_python_regex(go_pattern), re.ASCII)
+def _check_go_limits(go_pattern: str) -> None:
+    depth = deepest = 0
+    escaped = in_class = False
+    for c in go_pattern:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+    if deepest > _GO_MAX_NESTING:
+        raise ValueError("expression nests too deeply")
+    for match in _REPEAT.finditer(go_pattern):
+        if any(n and int(n) > _GO_MAX_REPEAT for n in match.groups()):
+            raise ValueError(f"invalid repeat count: {match[0]} (at most {_GO_MAX_REPEAT})")
+
+
+class _MatchesNothing:
+    def search(self, text: str) -> None:
+        return None
+
+
+def _compile_go_regex(go_pattern: str) -> InterfacePattern:
+    r"""SmartNat searched its pattern with Go's regexp, whose syntax and meaning are RE2's: compile
+    it with RE2 itself, so every pattern Go took means the same here and every one it refused is
+    refused (Python's re differs both ways: lookarounds, backreferences, \Z, \x{41}, (?U)...)."""
+    _check_go_limits(go_pattern)
+    options = re2.Options()
+    options.log_errors = False  # the reason comes back in the exception, not on stderr as well
+    try:
+        return cast(InterfacePattern, re2.compile(go_pattern, options))
+    except re2.error as err:
+        reason = err.args[0] if err.args else ""
+        raise ValueError(reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)) from None
 
 
 # --- parsers: str -> value, or ValueError with the sentence after "NAME='raw': " ----------------
@@ -223,7 +184,7 @@ def _offset(raw: str) -> int:
 def _regex(raw: str) -> str:
     try:
         _compile_go_regex(raw)
-    except (re.error, ValueError) as err:
+    except ValueError as err:  # UnicodeError too: an environment value need not be UTF-8
         raise ValueError(f"not a valid regular expression ({err})") from None
     except (OverflowError, RecursionError):
         raise ValueError("not a valid regular expression (too large or too deeply nested)") from None

@@ -156,7 +156,14 @@ def test_empty_value_means_the_default(key, raw):
         ("INTERFACES_PATTERN", "eth(", "not a valid regular expression"),
         ("INTERFACES_PATTERN", "a{4294967296}", "not a valid regular expression"),
         ("INTERFACES_PATTERN", "(" * 5000 + ")" * 5000, "not a valid regular expression"),
-        ("INTERFACES_PATTERN", r"\pL", "not a valid regular expression"),
+        # Go refuses these, and Python's re would take them: RE2 refuses them as Go does.
+        ("INTERFACES_PATTERN", "(?=a)", "not a valid regular expression"),
+        ("INTERFACES_PATTERN", r"(a)\1", "not a valid regular expression"),
+        ("INTERFACES_PATTERN", r"eth1\Z", "not a valid regular expression"),
+        ("INTERFACES_PATTERN", "eth1++", "not a valid regular expression"),
+        ("INTERFACES_PATTERN", "(?x)eth 1", "not a valid regular expression"),
+        ("INTERFACES_PATTERN", "a{1001}", "not a valid regular expression"),
+        ("INTERFACES_PATTERN", "eth\udc80", "not a valid regular expression"),  # not UTF-8
         ("INTERFACES_PATTERN", "[[:nosuch:]]", "not a valid regular expression"),
         ("DEFAULT_GW_INTERFACE", "abcdefghijklmnop", "not an interface name"),  # 16 characters
         ("DEFAULT_GW_INTERFACE", "eth0/1", "not an interface name"),
@@ -342,6 +349,10 @@ def test_default_gw_interface_matching_the_pattern_is_a_notice():
         (r"^eth\d$", ["eth1"], ["eth\u0665"]),  # \d is ASCII in Go
         ("^[]a]+$", ["]a", "a"], ["b"]),
         ("^e[[x]$", ["e[", "ex"], ["e]"]),
+        # Go takes these, and Python's re would not:
+        (r"^\x{65}th1$", ["eth1"], ["xth1"]),
+        (r"^(?U)eth1$", ["eth1"], ["eth2"]),
+        (r"^\pLth1$", ["eth1"], ["1th1"]),
     ],
 )
 def test_interfaces_pattern_is_searched_with_go_regexp_semantics(pattern, matches, misses):
