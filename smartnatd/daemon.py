@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from smartnatd import __version__, logs
 from smartnatd.dataplane import ApplyReport, Dataplane
+from smartnatd.errors import SettingsError
 from smartnatd.health import build_app
 from smartnatd.host import HostWatcher
 from smartnatd.metrics import Metrics, nft_counter_reader
@@ -28,6 +32,7 @@ from smartnatd.systemd import SystemdNotifier
 
 logger = logging.getLogger(__name__)
 
+EXIT_CONFIG = SettingsError.exit_code  # 78: the unit's RestartPreventExitStatus
 STOP_DEADLINE = 15.0  # below the unit's TimeoutStopSec=20s
 SOURCE_POLL = 0.25
 # A pass over 10^4 Mappings allocates ~10^6 short-lived objects; at Python's default (700)
@@ -80,11 +85,29 @@ def _state_dir(settings: Settings) -> Path | None:
         return None
 
 
+@dataclass
+class SourceDirState:
+    """How the file source is doing, for smartnat_source_up and STATUS= while waiting."""
+
+    up: bool = False
+    problem: str = ""
+
+
 async def _main(*, settings: Settings, source: Path | None, netns: str | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    resync: list[Callable[[], None]] = []  # the reconciler's, once it exists
+
+    def hangup() -> None:
+        # Without a handler SIGHUP ended the daemon silently, and cleanly enough that
+        # Restart=on-failure did not bring it back.
+        logger.warning("SIGHUP: settings are read at start only; restart to apply (a full resync runs now)")
+        for request in resync:
+            request()
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     logger.info(
         "smartnatd %s starting instance=%s source=%s interfaces=%r",
         __version__, settings.instance_name, source or "kubernetes", settings.interfaces_pattern,
@@ -102,7 +125,6 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
     writeback: Writeback
     kube = None
     if source is None:
-        from smartnatd.errors import SettingsError
         from smartnatd.kube.client import KubeSource
 
         try:
@@ -115,7 +137,25 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
         writeback = kube.writeback
     else:
         writeback = LogWriteback()
-    metrics = Metrics(health=lambda: reconciler.health, counters=nft_counter_reader(dataplane.runner))
+    dir_state = SourceDirState()
+    host_watcher: HostWatcher
+
+    def sources_up() -> dict[str, bool]:
+        up = {"host": host_watcher.host is not None}
+        if source is not None:
+            up["directory"] = dir_state.up
+        elif kube is not None:
+            up.update((w.name, w.up) for w in kube.watchers)
+        return up
+
+    def source_problems() -> dict[str, str]:
+        if source is not None:
+            return {"directory": dir_state.problem}
+        return {w.name: w.problem for w in kube.watchers} if kube is not None else {}
+
+    metrics = Metrics(
+        health=lambda: reconciler.health, counters=nft_counter_reader(dataplane.runner), sources=sources_up
+    )
 
     def after_pass(report: ApplyReport | None, took: float, ok: bool) -> None:
         metrics.observe_pass(report, took, ok)
@@ -123,8 +163,10 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
             settle_heap()
 
     reconciler = Reconciler(
-        store=store, dataplane=dataplane, settings=settings, writeback=writeback, notifier=notifier, on_pass=after_pass
+        store=store, dataplane=dataplane, settings=settings, writeback=writeback, notifier=notifier,
+        on_pass=after_pass, source_problems=source_problems,
     )
+    resync.append(reconciler.request_full_resync)
     watchdog = notifier.watchdog_interval or 10.0
     app = build_app(
         health=lambda: reconciler.health,
@@ -135,7 +177,20 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
     http = web.AppRunner(app, access_log=None)
     await http.setup()
     site = web.TCPSite(http, settings.monitor_ip or None, settings.monitor_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as err:
+        # A port someone else holds is a setting to change: exit 78, no restart loop.
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        logger.critical(
+            "cannot listen on SNCTRLR_MONITOR_IP:SNCTRLR_MONITOR_PORT=%s:%d: %s; free it or choose another",
+            settings.monitor_ip or "*", settings.monitor_port, reason,
+        )
+        await http.cleanup()
+        if kube is not None:
+            await kube.close()
+        await dataplane.close()
+        return EXIT_CONFIG
     logger.info("monitoring on http://%s:%d/ (healthz, readyz, metrics)", settings.monitor_ip or "*", settings.monitor_port)
     host_watcher = HostWatcher(
         netns=netns,
@@ -148,7 +203,7 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
         async with asyncio.TaskGroup() as tg:
             sources = [tg.create_task(host_watcher.run(), name="host")]
             if source is not None:
-                sources.append(tg.create_task(watch_source_dir(source, store=store), name="source-dir"))
+                sources.append(tg.create_task(watch_source_dir(source, store=store, state=dir_state), name="source-dir"))
             elif kube is not None:
                 sources.append(tg.create_task(kube.run(), name="kubernetes"))
             await reconciler.run(stop=stop, watchdog_interval=notifier.watchdog_interval)
@@ -175,8 +230,11 @@ def _signature(path: Path) -> tuple[object, ...]:
     return tuple(entries)
 
 
-async def watch_source_dir(path: Path, *, store: Store, poll: float = SOURCE_POLL) -> None:
+async def watch_source_dir(
+    path: Path, *, store: Store, poll: float = SOURCE_POLL, state: SourceDirState | None = None
+) -> None:
     """The file source: re-read DIR whenever a file in it changes (a cluster snapshot on disk)."""
+    state = state if state is not None else SourceDirState()
     seen: tuple[object, ...] | None = None
     problems: tuple[str, ...] = ()
     while True:
@@ -184,14 +242,17 @@ async def watch_source_dir(path: Path, *, store: Store, poll: float = SOURCE_POL
         try:
             sig = await asyncio.to_thread(_signature, path)
         except OSError as err:
-            logger.warning("source directory %s unreadable: %s; keeping the last state", path, err)
-            sig = seen
+            if state.up or not state.problem:
+                logger.warning("source directory %s unreadable: %s; keeping the last state", path, err)
+            state.up, state.problem = False, f"{path} unreadable: {err.strerror or err}"
+            sig = seen = None  # read it all again once it is back
         if sig != seen:
             seen = sig
             try:
                 loaded = await asyncio.to_thread(load_source_dir, path)
             except OSError as err:
                 logger.warning("source directory %s unreadable: %s; keeping the last state", path, err)
+                state.up, state.problem = False, f"{path} unreadable: {err.strerror or err}"
                 await asyncio.sleep(poll)
                 continue
             if loaded.problems != problems:
@@ -203,8 +264,10 @@ async def watch_source_dir(path: Path, *, store: Store, poll: float = SOURCE_POL
                 logger.warning(
                     "source: keeping the last good state until %s can be read", ", ".join(loaded.unreadable)
                 )
+                state.up, state.problem = False, "cannot read " + ", ".join(loaded.unreadable)
             else:
                 store.replace(Kind.MAPPINGS, loaded.mappings)
                 store.replace(Kind.SERVICES, loaded.services)
                 store.replace(Kind.ENDPOINT_SLICES, loaded.endpoint_slices)
+                state.up, state.problem = True, ""
         await asyncio.sleep(poll)

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ApplyReport:
     full: bool
-    nft_operations: int  # elements and chains touched; 0 when nothing changed
+    nft_operations: int  # incremental: elements and chains touched; full: sets and maps rewritten (>= 1); 0: no change
     routing: RoutingReport
     flows_deleted: int
     took: float
@@ -160,8 +160,8 @@ class Dataplane:
             if known is not None:
                 deleted += await self._conntrack.sweep(mark_mask=MARK_MASK, known=known)
                 self._swept = True
-        except Exception:  # stale flows expire by themselves; never fail a pass for them
-            logger.warning("conntrack cleanup failed; stale flows will expire on their own", exc_info=True)
+        except Exception as err:  # stale flows expire by themselves; never fail a pass for them
+            logger.warning("conntrack cleanup failed; stale flows will expire on their own: %s", err, exc_info=logger.isEnabledFor(logging.DEBUG))
             return 0
         return deleted
 

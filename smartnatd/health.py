@@ -22,33 +22,39 @@ def build_app(
     clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
     def check() -> tuple[bool, str]:
+        """(healthy, body). The body starts with the state: ok, starting, degraded or unhealthy."""
         h = health()
         now = clock()
         if h.loop_heartbeat and now - h.loop_heartbeat > max_loop_stall:
-            return False, f"reconcile loop stalled for {now - h.loop_heartbeat:.0f}s"
+            return False, f"unhealthy: reconcile loop stalled for {now - h.loop_heartbeat:.0f}s"
         if not h.ready:
-            # Starting up is healthy for a while; readiness says whether it is serving yet.
-            return now - h.started < max_pass_age, "starting: " + (", ".join(h.unsynced) or "first pass") + " pending"
+            # Starting up, even with failing passes, is healthy for max_pass_age; /readyz says
+            # whether it is serving yet.
+            age = now - h.started
+            if age > max_pass_age:
+                return False, f"unhealthy: no successful pass in {age:.0f}s: {h.waiting()}"
+            return True, ("degraded: " if h.consecutive_failures else "starting: ") + h.waiting()
         age = now - (h.last_success_monotonic or h.started)
         if age > max_pass_age:
-            return False, f"last successful pass {age:.0f}s ago: {h.last_error or 'no pass since'}"
-        return True, h.summary()
+            return False, f"unhealthy: last successful pass {age:.0f}s ago: {h.last_error or 'no pass since'}"
+        if h.consecutive_failures:
+            return True, h.summary()  # "degraded: last N passes failed: …"
+        return True, "ok: " + h.summary()
 
     async def healthz(_: web.Request) -> web.Response:
-        ok, why = check()
-        return web.Response(status=200 if ok else 503, text=("ok: " if ok else "unhealthy: ") + why + "\n")
+        ok, body = check()
+        return web.Response(status=200 if ok else 503, text=body + "\n")
 
     async def readyz(_: web.Request) -> web.Response:
         h = health()
         if h.ready:
             return web.Response(text="ready: " + h.summary() + "\n")
-        pending = ", ".join(h.unsynced) or "first pass"
-        return web.Response(status=503, text=f"not ready: waiting for {pending}\n")
+        return web.Response(status=503, text=f"not ready: {h.waiting()}\n")
 
     async def healthcheck(_: web.Request) -> web.Response:
         # SmartNat answered its heartbeat text; monitors only looked at 200 vs not.
-        ok, why = check()
-        return web.Response(status=200 if ok else 503, text=why)
+        ok, body = check()
+        return web.Response(status=200 if ok else 503, text=body.split(": ", 1)[1])
 
     async def status(_: web.Request) -> web.Response:
         h = health()

@@ -24,8 +24,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _StateCollector(Collector):
     """Gauges read from the published Health at scrape time, so they are never stale."""
 
-    def __init__(self, health: Callable[[], Health]) -> None:
+    def __init__(self, health: Callable[[], Health], sources: Callable[[], dict[str, bool]] | None = None) -> None:
         self._health = health
+        self._sources = sources
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         h = self._health()
@@ -44,6 +45,13 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "smartnat_consecutive_sync_failures", "Failed passes since the last success", value=h.consecutive_failures
         )
+        if self._sources is not None:
+            up = GaugeMetricFamily(
+                "smartnat_source_up", "1 while a source has listed and is not failing, else 0", labels=["source"]
+            )
+            for name, ok in sorted(self._sources().items()):
+                up.add_metric([name], int(ok))
+            yield up
 
 
 class _CounterCollector(Collector):
@@ -76,7 +84,13 @@ class _CounterCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, *, health: Callable[[], Health], counters: Callable[[], dict[str, tuple[int, int, str]]] | None) -> None:
+    def __init__(
+        self,
+        *,
+        health: Callable[[], Health],
+        counters: Callable[[], dict[str, tuple[int, int, str]]] | None,
+        sources: Callable[[], dict[str, bool]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.sync_duration = Histogram(
@@ -84,11 +98,13 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
         )
         self.syncs = Counter("smartnat_syncs", "Successful passes", ["type"], registry=r)
+        for kind in ("full", "incremental"):  # present from the start: rate() needs a zero to begin with
+            self.syncs.labels(type=kind)
         self.failures = Counter("smartnat_sync_failures", "Passes the kernel rejected", registry=r)
         self.flows_deleted = Counter("smartnat_conntrack_flows_deleted", "Stale flows deleted from conntrack", registry=r)
         info = Gauge("smartnat_info", "smartnatd version", ["version"], registry=r)
         info.labels(version=__version__).set(1)
-        r.register(_StateCollector(health))
+        r.register(_StateCollector(health, sources))
         if counters is not None:
             r.register(_CounterCollector(counters))
 

@@ -63,13 +63,35 @@ class Health:
     verdicts: dict[str, int] = field(default_factory=dict)
     endpoints: int = 0
     unsynced: tuple[str, ...] = ()
+    waiting_why: str = ""  # what the sources said about the kinds still unsynced, if anything
+    planned: int = 0  # Mappings in the plan of the last pass tried, applied or not
+
+    def waiting(self) -> str:
+        """What a daemon that has not applied anything yet waits for."""
+        if self.consecutive_failures:
+            return self.failing()
+        if self.unsynced:
+            why = f" ({self.waiting_why})" if self.waiting_why else ""
+            return "waiting for " + ", ".join(self.unsynced) + why
+        return "waiting for the first pass"
+
+    def failing(self) -> str:
+        n, err = self.consecutive_failures, self.last_error
+        if not self.ready:
+            return f"first pass failed ({n}x): {err}; {self.planned} Mappings not applied yet"
+        return f"last {n} passes failed: {err}; the kernel keeps the last applied state ({self.served()})"
+
+    def served(self) -> str:
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.verdicts.items())) or "no Mappings"
+        return f"{self.endpoints} endpoints served; {kinds}"
 
     def summary(self) -> str:
-        kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.verdicts.items())) or "no mappings"
-        state = "ready" if self.ready else "starting"
+        """The one line of STATUS=, /healthz and /readyz: ready, degraded, first pass failed, waiting."""
+        if not self.ready:
+            return self.waiting()
         if self.consecutive_failures:
-            state = f"FAILING ({self.consecutive_failures}x): {self.last_error}"
-        return f"{state}; {self.endpoints} endpoints served; {kinds}"
+            return "degraded: " + self.failing()
+        return "ready; " + self.served()
 
 
 class Reconciler:
@@ -84,6 +106,7 @@ class Reconciler:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_pass: Callable[[ApplyReport | None, float, bool], None] | None = None,
+        source_problems: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self._store = store
         self._dataplane = dataplane
@@ -93,11 +116,13 @@ class Reconciler:
         self._clock = clock
         self._wall = wall_clock
         self._on_pass = on_pass
+        self._source_problems = source_problems  # source name -> why it has not listed, if known
         self.health = Health(started=clock())
         self.plan: Plan | None = None
         self._planner = IncrementalPlanner(settings)  # re-decides only what the store says changed
         self._last_full = 0.0
         self._backoff = 0.0
+        self._resync = asyncio.Event()  # a full pass asked for from outside (SIGHUP)
         self.published: Plan | None = None  # the plan write-back last published
         self._to_publish = asyncio.Event()
         # Every successful pass asks for a publish, even of an unchanged plan: write-back's own
@@ -139,30 +164,63 @@ class Reconciler:
             await self._writeback.publish(plan, previous=self.published)
             self.published, self._publish_done = plan, asked
 
+    def request_full_resync(self) -> None:
+        """Run a full pass as soon as the loop can (SIGHUP); one already under way finishes first."""
+        self._resync.set()
+
+    def _alive(self) -> None:
+        """The loop came round: tell systemd's watchdog and health's stall check."""
+        self._notifier.watchdog()
+        self._publish()
+
+    def _waiting(self) -> None:
+        unsynced = tuple(self._store.unsynced())
+        problems = self._source_problems() if self._source_problems else {}
+        why = "; ".join(f"{name}: {problem}" for name, problem in sorted(problems.items()) if problem)
+        self._publish(unsynced=unsynced, waiting_why=why)
+        self._notifier.status(self.health.summary())
+        self._notifier.watchdog()
+
     async def _loop(self, *, stop: asyncio.Event, watchdog_interval: float | None) -> None:
         tick = min(watchdog_interval or 5.0, 5.0)
         while not self._store.is_synced:
-            self._publish(unsynced=tuple(self._store.unsynced()))
-            self._notifier.watchdog()
-            if await _wait_any(self._store.synced, stop, timeout=tick):
-                if stop.is_set():
-                    return
-        self._publish(unsynced=())
+            self._waiting()
+            # Any store change may shorten the pending list: /readyz and STATUS= follow at once.
+            await _wait_any(self._store.synced, self._store.dirty, stop, timeout=tick)
+            if stop.is_set():
+                return
+            self._store.dirty.clear()  # the first pass below runs whatever happened meanwhile
+        self._publish(unsynced=(), waiting_why="")
         logger.info("all sources synced; first pass")
+        due = True
         while not stop.is_set():
-            full_due = self._clock() - self._last_full >= self._settings.full_resync_period_sec
-            if self._store.dirty.is_set() or full_due or self._backoff:
-                if self._backoff:
-                    await _wait_any(stop, timeout=self._backoff)
-                    if stop.is_set():
-                        return
-                elif self._settings.sync_debounce_ms:
+            if self._backoff:
+                # Wait out the retry delay exactly as logged, still telling the watchdog we live.
+                if await self._pause(stop, self._backoff, tick=tick):
+                    return
+                due = True
+            resync = self._resync.is_set()
+            full_due = resync or self._clock() - self._last_full >= self._settings.full_resync_period_sec
+            if due or self._store.dirty.is_set() or full_due:
+                if self._settings.sync_debounce_ms and not self._backoff:
                     # Coalesce a burst: events arriving now are part of this pass.
                     await asyncio.sleep(self._settings.sync_debounce_ms / 1000)
+                self._resync.clear()
                 await self.run_once(full=full_due)
-            self._notifier.watchdog()
-            self._publish()
-            await _wait_any(self._store.dirty, stop, timeout=tick)
+                due = False
+            self._alive()
+            if not self._backoff:
+                await _wait_any(self._store.dirty, self._resync, stop, timeout=tick)
+
+    async def _pause(self, stop: asyncio.Event, delay: float, *, tick: float) -> bool:
+        """Sleep `delay` seconds in steps of at most `tick`, pinging between; True if stopped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while (left := deadline - loop.time()) > 0.001:  # a millisecond left is done (no spin on float residue)
+            if await _wait_any(stop, timeout=min(tick, left)):
+                return True
+            self._alive()
+        return stop.is_set()
 
     async def run_once(self, *, full: bool = False) -> bool:
         """One pass. Returns True when the kernel now matches the plan."""
@@ -188,6 +246,7 @@ class Reconciler:
                 consecutive_failures=failures,
                 last_error=str(err),
                 last_duration=self._clock() - started,
+                planned=len(new_plan.verdicts),
             )
             self._notifier.status(self.health.summary())
             if self._on_pass:
@@ -216,6 +275,7 @@ class Reconciler:
             last_duration=took,
             verdicts=counts,
             endpoints=len(new_plan.desired.dnats),
+            planned=len(new_plan.verdicts),
         )
         if report.changed or first:
             logger.info(
@@ -224,6 +284,9 @@ class Reconciler:
                 report.nft_operations, report.flows_deleted, took,
             )
         if first:
+            # One line for the whole start, not one per Mapping: write-back logs each problem
+            # (and each Configured Mapping at debug level).
+            logger.info("mappings at start: %s", self.health.served())
             self._notifier.ready(self.health.summary())
         else:
             self._notifier.status(self.health.summary())
@@ -251,14 +314,20 @@ def verdict_changed(before: Verdict | None, after: Verdict) -> bool:
 
 
 class LogWriteback:
-    """Write-back for the file source: verdict transitions go to the log, once each."""
+    """Write-back for the file source: verdict transitions go to the log, once each.
+
+    At the first publish a Configured Mapping is logged at debug level only: the reconciler's
+    `mappings at start:` line counts them, and 10,000 lines saying "Configured" help nobody."""
 
     async def publish(self, plan: Plan, *, previous: Plan | None) -> None:
         before = {v.key: v for v in previous.verdicts} if previous else {}
         for v in plan.verdicts:
             if not verdict_changed(before.get(v.key), v):
                 continue
-            level = logging.INFO if v.ok or v.kind == "Deleting" else logging.WARNING
+            if previous is None and v.kind == "Configured":
+                level = logging.DEBUG
+            else:
+                level = logging.INFO if v.ok or v.kind == "Deleting" else logging.WARNING
             logger.log(level, "mapping %s %s: %s", v.key, v.kind, v.reason)
         now = {v.key for v in plan.verdicts}
         for key in sorted(set(before) - now):

@@ -19,6 +19,7 @@ from kubernetes_asyncio.client import CoordinationV1Api
 
 from smartnatd.errors import KubeApiError
 from smartnatd.kube.api import MERGE_PATCH, call
+from smartnatd.kube.watch import api_server, describe
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,10 @@ class Leases:
                 await self.renew()
             except KubeApiError as err:
                 if not self._failing:
-                    logger.warning("lease %s/%s not renewed: %s; retrying", self._namespace, self.name, err)
+                    logger.warning(
+                        "lease %s/%s not renewed: %s; retrying in %.0fs", self._namespace, self.name,
+                        describe(err, server=api_server(self._api)), min(period, 2.0),
+                    )
                     self._failing = True
                 await self._sleep(min(period, 2.0))
                 continue

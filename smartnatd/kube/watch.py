@@ -69,6 +69,28 @@ class Backoff:
         self.failures = 0
 
 
+def api_server(api: Any) -> str:
+    """The API server URL a generated API object (or a method bound to one) talks to, or ""."""
+    api = getattr(api, "__self__", api)
+    config = getattr(getattr(api, "api_client", None), "configuration", None)
+    return str(getattr(config, "host", "") or "")
+
+
+def describe(err: BaseException, *, server: str = "") -> str:
+    """One readable phrase for a failed request: no reprs of aiohttp's connection keys."""
+    cause = err.__cause__
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        reason = cause.os_error.strerror or str(cause.os_error) or type(cause.os_error).__name__
+        where = server or f"{cause.host}:{cause.port}"
+        return f"API server {where} unreachable: {reason[:1].lower()}{reason[1:]}"
+    if isinstance(cause, asyncio.TimeoutError):
+        return f"API server {server} did not answer in time".replace("  ", " ")
+    if isinstance(cause, (aiohttp.ClientError, OSError)):
+        text = str(cause) or type(cause).__name__
+        return f"connection to the API server {server} failed: {text}".replace("  ", " ")
+    return str(err)
+
+
 class Expired(Exception):
     """The resourceVersion we resume from is too old (410 Gone): list again."""
 
@@ -96,6 +118,8 @@ class Watcher:
         self._rng = rng or random.Random()
         self.resource_version: str | None = None  # None: the next step lists first
         self._failing = False
+        self.problem = ""  # why the last request failed, while it keeps failing; "" when fine
+        self.listed = False  # a list has succeeded once: there is a state to serve
         self.expired_in_a_row = 0  # 410s right after a list: the server's history is too short
         self._invalid: dict[ObjectKey, str] = {}  # objects dropped as invalid, logged once each
 
@@ -151,6 +175,7 @@ class Watcher:
             self._sink.replace(items)
         self._store.replace(self.resource.kind, parsed)
         self.resource_version = version or None
+        self.listed = True
         self._ok()
         logger.info("listed %s count=%d resourceVersion=%s", self.name, len(parsed), version)
 
@@ -255,17 +280,24 @@ class Watcher:
         if self._failing:
             logger.info("watch %s recovered", self.name)
             self._failing = False
+        self.problem = ""
         self._backoff.reset()
+
+    @property
+    def up(self) -> bool:
+        """Listed once and not failing now (smartnat_source_up)."""
+        return self.listed and not self._failing
 
     async def _failed(self, err: Exception, *, transient: bool) -> None:
         delay = self._backoff.next()
-        if not self._failing:
-            # Logged when the trouble starts and when it ends, not at every retry.
+        problem = describe(err, server=api_server(self.resource.list_method))
+        if not self._failing or problem != self.problem:
+            # Logged when the trouble starts (or changes) and when it ends, not at every retry.
             hint = "" if transient else " (check the CRD is installed and etc/rbac.yaml is applied)"
-            logger.warning(
-                "watch %s failed: %s; serving the last known state, retrying in %.1fs%s", self.name, err, delay, hint
-            )
+            state = "serving the last known state" if self.listed else "no state yet"
+            logger.warning("watch %s: %s; %s; retrying in %.1fs%s", self.name, problem, state, delay, hint)
             self._failing = True
         else:
-            logger.debug("watch %s still failing: %s; retry in %.1fs", self.name, err, delay)
+            logger.debug("watch %s still failing: %s; retry in %.1fs", self.name, problem, delay)
+        self.problem = problem
         await self._sleep(delay)

@@ -431,6 +431,6 @@ def _log_transitions(plan: Plan, previous: Plan | None) -> None:
         elif v.kind == VerdictKind.NOT_LOCAL:
             logger.debug("mapping %s %s: %s", v.key, v.kind, v.reason)
         else:
-            logger.info("mapping %s %s: %s", v.key, v.kind, v.reason)
+            logger.log(logging.DEBUG if previous is None else logging.INFO, "mapping %s %s: %s", v.key, v.kind, v.reason)
     for key in sorted(set(before) - {v.key for v in plan.verdicts}):
         logger.info("mapping %s removed", key)

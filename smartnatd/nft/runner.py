@@ -111,6 +111,7 @@ class LibraryRunner:
     ) -> None:
         self.netns = netns
         self.state_dir = state_dir
+        self._failing = ""  # the message of the failure under way, logged at warning once
         self._lock = threading.Lock()
         self._context = Context(netns=netns, library=library)
 
@@ -151,7 +152,11 @@ class LibraryRunner:
             took = time.monotonic() - started
         if result.rc != 0:
             failure = describe_failure(error=result.error, text=text, source=source)
-            raise _failed(failure, text=text, backend=self.backend, state_dir=self.state_dir, dry_run=dry_run)
+            repeated, self._failing = failure.message == self._failing, failure.message
+            raise _failed(
+                failure, text=text, backend=self.backend, state_dir=self.state_dir, dry_run=dry_run, repeated=repeated
+            )
+        self._failing = ""
         _log_done(text=text, took=took, backend=self.backend, dry_run=dry_run, warnings=result.error)
 
 
@@ -171,6 +176,7 @@ class ProcessRunner:
         self.netns = netns
         self.state_dir = state_dir
         self.timeout = timeout
+        self._failing = ""  # the message of the failure under way, logged at warning once
         binary = shutil.which(nft)
         if binary is None:
             raise NftError(f"{nft}: command not found: install the Debian package nftables", errno_name="ENOENT")
@@ -218,7 +224,11 @@ class ProcessRunner:
         took = time.monotonic() - started
         if completed.returncode != 0:
             failure = describe_failure(error=completed.stderr, text=text, source="/dev/stdin")
-            raise _failed(failure, text=text, backend=self.backend, state_dir=self.state_dir, dry_run=dry_run)
+            repeated, self._failing = failure.message == self._failing, failure.message
+            raise _failed(
+                failure, text=text, backend=self.backend, state_dir=self.state_dir, dry_run=dry_run, repeated=repeated
+            )
+        self._failing = ""
         _log_done(text=text, took=took, backend=self.backend, dry_run=dry_run, warnings=completed.stderr)
 
     def _nft(self, args: Sequence[str], *, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -323,7 +333,11 @@ def save_failed(
     return path
 
 
-def _failed(failure: Failure, *, text: str, backend: str, state_dir: pathlib.Path | None, dry_run: bool) -> NftError:
+def _failed(
+    failure: Failure, *, text: str, backend: str, state_dir: pathlib.Path | None, dry_run: bool, repeated: bool = False
+) -> NftError:
+    """Save the transaction (the newest KEEP_FAILED are kept) and log it: at warning when the
+    failure starts or its message changes, at debug while the same one repeats."""
     saved = ""
     if state_dir is not None:
         try:
@@ -331,7 +345,8 @@ def _failed(failure: Failure, *, text: str, backend: str, state_dir: pathlib.Pat
         except OSError as err:
             # Saving is a diagnostic aid: report the nft error, not this one.
             logger.warning("cannot save failed nft transaction state_dir=%s error=%r", state_dir, str(err))
-    logger.warning(
+    logger.log(
+        logging.DEBUG if repeated else logging.WARNING,
         "nft transaction %s backend=%s errno=%s saved=%s error=%r",
         "check failed" if dry_run else "failed",
         backend,
