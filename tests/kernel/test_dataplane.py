@@ -85,6 +85,15 @@ def client_udp(t: Topology, *, dst, port, src=None):
     return parse_echo_reply(udp_request(t.client, dst=dst, port=port, src=src or t.allowed_client))
 
 
+async def no_reply_on_tcp_and_udp(t: Topology, *, src) -> None:
+    """Neither TCP port 80 nor UDP port 53 of 192.0.2.10 answers `src` (TCP_AND_UDP's ports)."""
+    for port, proto, _ in TCP_AND_UDP:
+        request = tcp_request if proto == "tcp" else udp_request
+        assert await asyncio.to_thread(
+            expect_no_reply, request, t.client, dst="192.0.2.10", port=port, src=src, timeout=0.5
+        ), proto
+
+
 def web(**kw):
     return service(ports=(("http", "tcp", 80, 8080), ("dns", "udp", 53, 8080)), **kw)
 
@@ -149,12 +158,7 @@ async def test_refused_client_is_dropped_and_allowed_client_served(topology, ech
         assert (await asyncio.to_thread(client_tcp, topology, dst="192.0.2.10", port=80)).name == "pod1"
         assert (await asyncio.to_thread(client_udp, topology, dst="192.0.2.10", port=53)).name == "pod1"
         served = {proto: len(echo_servers["pod1", proto].peers) for proto in ("tcp", "udp")}
-        for port, proto, _ in TCP_AND_UDP:
-            request = tcp_request if proto == "tcp" else udp_request
-            assert await asyncio.to_thread(
-                expect_no_reply, request, topology.client, dst="192.0.2.10", port=port, src=topology.refused_client,
-                timeout=0.5,
-            ), proto
+        await no_reply_on_tcp_and_udp(topology, src=topology.refused_client)
         assert (box_tcp.peers, box_udp.peers) == ((), ())
     assert {proto: len(echo_servers["pod1", proto].peers) for proto in ("tcp", "udp")} == served
     # Dropped in prerouting, before conntrack confirmed anything, by the allow-list's last rule.
@@ -456,12 +460,7 @@ async def test_cleanup_removes_everything_owned_and_nothing_else(topology, echo_
 
     await appliance.dataplane.cleanup()
     # Nothing is served any more: no reply, and no datagram is translated to the pod.
-    for port, proto, _ in TCP_AND_UDP:
-        request = tcp_request if proto == "tcp" else udp_request
-        assert await asyncio.to_thread(
-            expect_no_reply, request, topology.client, dst="192.0.2.10", port=port, src=topology.allowed_client,
-            timeout=0.5,
-        ), proto
+    await no_reply_on_tcp_and_udp(topology, src=topology.allowed_client)
     assert len(echo_servers["pod1", "udp"].peers) == udp_seen
     listing = appliance.ruleset()
     assert "smartnat" not in listing and "table ip other" in listing
