@@ -65,6 +65,11 @@ def load_source_dir(path: Path) -> SourceDir:
         if p.suffix in SUFFIXES and not p.name.startswith(".") and p.is_file()
     )
     unreadable: list[str] = []
+    if not files:
+        # Unknown, not an empty cluster: a directory caught between a deploy's delete and its
+        # write would otherwise remove every Mapping and cut its connections.
+        problems.append(f"{path}: holds no *.yaml, *.yml or *.json file (to serve nothing, leave an empty one)")
+        unreadable.append(str(path))
     for file in files:
         before = len(problems)
         documents = _documents(file, problems=problems)

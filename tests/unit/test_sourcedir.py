@@ -55,7 +55,18 @@ spec:
 """
 
 
-def test_empty_directory_gives_an_empty_source(tmp_path: Path) -> None:
+def test_a_directory_without_files_is_unknown_not_an_empty_cluster(tmp_path: Path) -> None:
+    # Between a deploy's delete and its write: applying it would remove every Mapping.
+    (tmp_path / "notes.txt").write_text("not a source file")
+    loaded = load_source_dir(tmp_path)
+    assert loaded.unreadable == (str(tmp_path),)
+    assert loaded.problems == (
+        f"{tmp_path}: holds no *.yaml, *.yml or *.json file (to serve nothing, leave an empty one)",
+    )
+
+
+def test_an_empty_file_is_an_empty_cluster(tmp_path: Path) -> None:
+    (tmp_path / "none.yaml").write_text("")
     assert load_source_dir(tmp_path) == SourceDir()
 
 
