@@ -120,8 +120,12 @@ def _first(cell: tuple[Any, ...]) -> Any:
 
 
 def gateway_of(address: IPv4Interface, offset: int) -> IPv4Address:
-    """SmartNat's rule: positive offsets count from the network address, negative from broadcast."""
+    """SmartNat's rule: positive offsets count from the network address, negative from broadcast.
+    A /31 (RFC 3021, a point-to-point pair) has no network or broadcast address: the gateway is
+    the other address."""
     network = address.network
+    if network.prefixlen == 31:
+        return network.network_address + (1 - int(address.ip) % 2)
     if offset > 0:
         return network.network_address + offset
     return network.broadcast_address + offset
@@ -155,10 +159,16 @@ def _return_paths(host: Host, settings: Settings) -> tuple[tuple[ReturnPath, ...
             gateway = gateway_of(primary, settings.gw_address_offset)
         except ValueError:  # the offset leaves the IPv4 space altogether
             gateway = primary.network.network_address
-        if gateway not in primary.network or gateway in (primary.network.network_address, primary.network.broadcast_address):
+        special = () if primary.network.prefixlen == 31 else (primary.network.network_address, primary.network.broadcast_address)
+        if gateway not in primary.network or gateway in special or gateway == primary.ip:
+            what = (
+                f"this box's own address {gateway} as the gateway"
+                if gateway == primary.ip
+                else f"no usable gateway in {primary.network}"
+            )
             problems.append(
-                f"interface {iface.name}: SNCTRLR_GW_ADDRESS_OFFSET={settings.gw_address_offset} gives no usable "
-                f"gateway in {primary.network}; its addresses are not served"
+                f"interface {iface.name}: SNCTRLR_GW_ADDRESS_OFFSET={settings.gw_address_offset} gives {what}; "
+                "its addresses are not served"
             )
             continue
         paths.append(

@@ -169,6 +169,26 @@ def test_gateway_offset_negative_counts_from_broadcast():
     assert str(gateway_of(IPv4Interface("10.10.10.10/24"), 1)) == "10.10.10.1"
 
 
+def test_a_slash_31_link_uses_the_other_address_as_its_gateway():
+    # RFC 3021: both addresses of a /31 are hosts; the other one is the router, whatever the offset.
+    from ipaddress import IPv4Interface
+
+    assert str(gateway_of(IPv4Interface("192.0.2.0/31"), 1)) == "192.0.2.1"
+    assert str(gateway_of(IPv4Interface("192.0.2.1/31"), -1)) == "192.0.2.0"
+    p = plan(snap(mapping("a", addresses=("192.0.2.0",)), services=[service()], h=host(("ext1", 3, ["192.0.2.0/31"]))), SETTINGS)
+    assert [(r.interface, str(r.gateway)) for r in p.desired.return_paths] == [("ext1", "192.0.2.1")]
+    assert p.host_problems == ()
+
+
+def test_an_offset_that_names_the_box_itself_is_a_host_problem():
+    p = plan(snap(h=host(("ext1", 3, ["192.0.2.1/24"]))), SETTINGS)
+    assert p.desired.return_paths == ()
+    assert p.host_problems == (
+        "interface ext1: SNCTRLR_GW_ADDRESS_OFFSET=1 gives this box's own address 192.0.2.1 as the gateway; "
+        "its addresses are not served",
+    )
+
+
 def test_unusable_gateway_offset_is_a_host_problem():
     settings = dataclasses.replace(SETTINGS, gw_address_offset=300)
     p = plan(snap(mapping("a"), services=[service()]), settings)
