@@ -127,6 +127,20 @@ def holders(status: Any) -> dict[str, dict[str, Any]]:
     return {name: entry for name, entry in appliances.items() if isinstance(entry, dict)}
 
 
+def foreign_addresses(status: Any) -> set[str]:
+    """`configuredAddresses` keys no appliance entry lists: SmartNat's, from a side-by-side cut-over.
+
+    SmartNat records only these keys and, when a Mapping is deleted, removes the finalizer once
+    none is left; its own keys are the nodes it still has to clean up. smartnatd waits for them
+    as for an appliance entry (up to SNCTRLR_MAX_FINALIZE_WAIT_MINUTES).
+    """
+    addresses = status.get("configuredAddresses") if isinstance(status, dict) else None
+    if not isinstance(addresses, dict):
+        return set()
+    claimed = set().union(*(entry_addresses(e) for e in holders(status).values()))
+    return {a for a in addresses if isinstance(a, str)} - claimed
+
+
 def entry_addresses(entry: Any) -> set[str]:
     """The addresses in an entry's `configured` endpoints ("192.0.2.10:80/tcp")."""
     configured = entry.get("configured") if isinstance(entry, dict) else None

@@ -16,7 +16,8 @@ current status (MappingCache) and writes the difference, if any:
   serves the Mapping and never while it is being deleted. When it is deleted, each appliance
   drops its entry after its kernel dropped the Mapping; entries of appliances whose Lease
   expired are dropped by any live one; whoever leaves no entry behind removes the finalizer
-  (JSON patch with a test op). After SNCTRLR_MAX_FINALIZE_WAIT_MINUTES it goes regardless,
+  (JSON patch with a test op), unless `configuredAddresses` keys no entry lists remain: those
+  are SmartNat's (a side-by-side cut-over), which removes them when its rules are gone. After SNCTRLR_MAX_FINALIZE_WAIT_MINUTES it goes regardless,
   with a Warning Event naming the appliances that never confirmed.
 """
 
@@ -336,26 +337,32 @@ class KubeWriteback:
         if FINALIZER not in _finalizers(raw):
             return
         remaining = sorted(status_mod.holders(raw.get("status")))
-        if not remaining:
+        # Addresses SmartNat still serves (a side-by-side cut-over): it removes their keys when done.
+        foreign = sorted(status_mod.foreign_addresses(raw.get("status")))
+        if not remaining and not foreign:
             await self._remove_finalizer(key, raw)
             logger.info("mapping %s: no appliance serves it any more; finalizer removed", key)
             return
         deleted = parse_time(_meta(raw).get("deletionTimestamp")) or now
         deadline = deleted + self._max_wait
+        holders = [f"appliances {', '.join(remaining)}"] if remaining else []
+        if foreign:
+            holders.append(f"SmartNat (status.configuredAddresses {', '.join(foreign)})")
         if now >= deadline:
             minutes = self._max_wait // 60
             message = (
-                f"appliances {', '.join(remaining)} did not confirm removing the Mapping within "
+                f"{' and '.join(holders)} did not confirm removing the Mapping within "
                 f"SNCTRLR_MAX_FINALIZE_WAIT_MINUTES={minutes}; finalizer removed anyway"
             )
             await self._post_event(raw, status_mod.Event("Warning", status_mod.FINALIZER_TIMEOUT, message), now)
             await self._remove_finalizer(key, raw)
             logger.warning("mapping %s: %s", key, message)
             return
-        # Look again when the first live holder's Lease would expire, or at the deadline.
+        # Look again when the first live holder's Lease would expire, or at the deadline; SmartNat
+        # has no Lease: its removing a key is a watch event that brings the Mapping back here.
         self._retry.add(key)
         self.timer.schedule(min([deadline, *waiting_until]) - now + 1.0)
-        logger.debug("mapping %s: deletion waits for appliances %s", key, ", ".join(remaining))
+        logger.debug("mapping %s: deletion waits for %s", key, " and ".join(holders))
 
     async def _lease(self, instance: str) -> LeaseState | None:
         if instance not in self._leases_seen:

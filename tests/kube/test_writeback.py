@@ -367,6 +367,58 @@ async def test_after_max_finalize_wait_the_finalizer_goes_with_a_warning(
         'finalizer removed anyway')
 
 
+async def smartnat_serves(kube_api: KubeEmulator, address: str) -> None:
+    """SmartNat, still running on the old box during a cut-over, records the address it serves."""
+    await kube_api.patch_object(MAPPINGS, 'echo', {'status': {'configuredAddresses': {address: {'podIPs': ['10.244.1.2']}}}},
+                                namespace=NS, subresource='status')
+
+
+async def test_deletion_waits_for_addresses_smartnat_still_serves(kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api, addresses=('192.0.2.10', '203.0.113.5'), finalizers=[FINALIZER])
+    await smartnat_serves(kube_api, '203.0.113.5')
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    assert sorted(current(kube_api)['status']['configuredAddresses']) == ['192.0.2.10', '203.0.113.5']
+
+    await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()  # ap1 is done; SmartNat's key has no appliance entry: SmartNat is not
+    obj = current(kube_api)
+    assert obj['metadata']['finalizers'] == [FINALIZER]
+    assert 'ap1' not in obj['status'].get('appliances', {})
+    assert list(obj['status']['configuredAddresses']) == ['203.0.113.5']
+    assert ap1.writeback.timer.due_in is not None  # at the deadline at the latest
+
+    # SmartNat cleans up and removes its key (it would also drop the finalizer: both may).
+    await kube_api.patch_object(MAPPINGS, 'echo', {'status': {'configuredAddresses': {'203.0.113.5': None}}},
+                                namespace=NS, subresource='status')
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    assert kube_api.current(MAPPINGS, 'echo', namespace=NS) is None
+
+
+async def test_smartnat_s_addresses_are_waited_for_only_until_max_finalize_wait(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    clock = Clock()
+    await echo_cluster(kube_api, addresses=('203.0.113.5',), finalizers=[FINALIZER])
+    await smartnat_serves(kube_api, '203.0.113.5')
+    ap1 = await appliances('ap1', clock=clock, max_wait_minutes=5)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()  # NotLocal here
+    await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    assert current(kube_api)['metadata']['finalizers'] == [FINALIZER]
+    clock.advance(6 * 60)
+    await ap1.sync()
+    assert kube_api.current(MAPPINGS, 'echo', namespace=NS) is None
+    assert events(kube_api)[-1] == (
+        'Warning', 'FinalizerTimeout',
+        'SmartNat (status.configuredAddresses 203.0.113.5) did not confirm removing the Mapping within '
+        'SNCTRLR_MAX_FINALIZE_WAIT_MINUTES=5; finalizer removed anyway')
+
+
 async def test_an_invalid_mapping_gets_no_finalizer_and_deletes_cleanly(kube_api: KubeEmulator, appliances: Any) -> None:
     body = mapping_body('broken')
     body['spec']['ports'][0]['port'] = 0
