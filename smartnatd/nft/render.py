@@ -261,8 +261,10 @@ def _host_elements(desired: DesiredState) -> dict[str, tuple[Element, ...]]:
 def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
     mask = f"0x{MARK_MASK:08x}"
     prerouting = [
-        # Allow-lists first: a refused client is dropped before any NAT or mark.
-        f"{KEY} vmap @{n.SOURCE_FILTERS}",
+        # Allow-lists first: a refused client is dropped before any NAT or mark. Original
+        # direction only: a reply to the box's own traffic (an NTP or DNS client whose local
+        # port is a mapped one) is no client of the Mapping.
+        f"ct direction original {KEY} vmap @{n.SOURCE_FILTERS}",
         # Remember the ingress interface of every connection we serve, for its replies. The set
         # lookup comes first so its element counters see every client packet, not only the first.
         f"{KEY} @{n.EXTERNAL_PORTS} ct state new ct mark set iifname map @{n.INTERFACE_MARKS}",

@@ -374,6 +374,25 @@ async def test_conflicting_and_invalid_mappings_leave_the_others_working(topolog
     )
 
 
+async def test_a_reply_to_the_box_own_traffic_is_not_held_to_a_mappings_allow_list(topology, echo_servers, appliance):
+    # udp/53 on 192.0.2.10 is mapped and open only to 198.18.0.0/24. The box's own DNS-style
+    # query from 192.0.2.10:53 to the refused client gets its answer: the allow-list is for
+    # clients opening connections, not for replies.
+    await appliance.apply(
+        mapping("web", mode="direct", ports=TCP_AND_UDP, sources=("198.18.0.0/24",)),
+        services=[web()], slices=[web_slice((POD1,))],
+    )
+    await asyncio.to_thread(sh, topology.appliance, "ip", "route", "add", "203.0.113.0/24", "via", "192.0.2.1")
+    with echo_server(topology.client, "udp", topology.refused_client, 9002, name="resolver"):
+        query = UdpFlow(topology.appliance, src="192.0.2.10", sport=53, dst=topology.refused_client, dport=9002)
+        try:
+            assert parse_echo_reply(await asyncio.to_thread(query.exchange, b"q")).name == "resolver"
+        finally:
+            query.close()
+    # The same client opening a connection to the Mapping is still refused.
+    await no_reply_on_tcp_and_udp(topology, src=topology.refused_client)
+
+
 async def test_unmapped_port_is_dropped_but_the_box_own_traffic_still_works(topology, echo_servers, appliance):
     await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice((POD1,))])
     # With a route back to the client the box's own server would answer it: only the drop stops it.
