@@ -77,6 +77,10 @@ class Verdict:
     addresses: tuple[IPv4Address, ...] = ()  # addresses of the Mapping that are on this box
     service_vip: IPv4Address | None = None
     pod_ips: tuple[IPv4Address, ...] = ()
+    # The object the verdict was computed from: write-back writes it only to that object at
+    # that generation, never as the status of a newer spec or of a re-created namesake.
+    generation: int = 0
+    uid: str = ""
 
     @property
     def ok(self) -> bool:
@@ -294,7 +298,8 @@ class _Outcome:
 
 
 def _verdict(m: Mapping, kind: VerdictKind, reason: str, event_reason: str = "", **kw: object) -> Verdict:
-    return Verdict(key=m.key, kind=kind, reason=reason, event_reason=event_reason or EVENT_REASONS[kind], **kw)  # type: ignore[arg-type]
+    return Verdict(key=m.key, kind=kind, reason=reason, event_reason=event_reason or EVENT_REASONS[kind],
+                   generation=m.generation, uid=m.uid, **kw)  # type: ignore[arg-type]
 
 
 def _eligible(m: Mapping, settings: Settings) -> MappingSpec | None:
@@ -414,6 +419,8 @@ def _serve(
         addresses=tuple([a for a, _ in here]),
         service_vip=service.cluster_ip,
         pod_ips=pod_ips,
+        generation=m.generation,
+        uid=m.uid,
     )
     virtual = spec.mode == Mode.SERVICE
     allowed, owner = spec.allowed_sources, m.key

@@ -179,6 +179,12 @@ class KubeWriteback:
         raw = self._cache.get(verdict.key)
         if raw is None:
             return  # gone, or not seen yet: its watch event brings it back here
+        if not _same_object(verdict, raw):
+            # The plan is older than the object (a spec change, a re-creation arrived since):
+            # its verdict is not this object's status. The pass the change triggered writes it.
+            logger.debug("mapping %s: verdict for generation %d is stale; not written", verdict.key, verdict.generation)
+            self._retry.add(verdict.key)
+            return
         deleting = bool(_meta(raw).get("deletionTimestamp"))
         if verdict.kind == VerdictKind.DELETING:
             if deleting:
@@ -416,6 +422,14 @@ _RETRY: Any = object()
 def _meta(obj: Raw) -> dict[str, Any]:
     meta = obj.get("metadata")
     return meta if isinstance(meta, dict) else {}
+
+
+def _same_object(verdict: Verdict, raw: Raw) -> bool:
+    """The verdict was planned from this object at its current generation (as objects.py parses them)."""
+    meta = _meta(raw)
+    generation, uid = meta.get("generation"), meta.get("uid")
+    generation = generation if isinstance(generation, int) and not isinstance(generation, bool) else 0
+    return (verdict.generation, verdict.uid) == (generation, uid if isinstance(uid, str) else "")
 
 
 def _finalizers(obj: Raw) -> list[str]:

@@ -250,6 +250,44 @@ async def test_conflicts_across_namespaces_the_oldest_wins_and_both_appliances_a
     assert len(kube_api.recorded(verb='patch', resource=MAPPINGS)) == settled
 
 
+async def test_a_verdict_planned_from_an_older_generation_is_not_written(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    body = mapping_body('echo')
+    body['spec']['ports'][0]['port'] = 0
+    await kube_api.create_object(SERVICES, service_body())
+    await kube_api.create_object(ENDPOINTSLICES, slice_body())
+    await kube_api.create_object(MAPPINGS, body)
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    stale = ap1.plan()  # planned from generation 1: invalid
+    await kube_api.patch_object(MAPPINGS, 'echo', {'spec': {'ports': [{'port': 80, 'protocol': 'tcp', 'servicePort': 80}]}},
+                                namespace=NS)
+    await caught_up(kube_api, ap1)  # the cache holds generation 2: valid
+    assert current(kube_api)['metadata']['generation'] == 2
+    await ap1.writeback.publish(stale, previous=None)
+    assert writes(kube_api) == []
+    assert events(kube_api) == []
+
+    ap1.previous = stale
+    await ap1.sync()  # the pass the spec change triggered
+    obj = current(kube_api)
+    assert (obj['status']['observedGeneration'], obj['status']['invalid']) == (2, 'no')
+    assert [e[1] for e in events(kube_api)] == ['Configured']
+
+
+async def test_a_verdict_for_a_deleted_and_recreated_namesake_is_not_written(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api)
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    stale = ap1.plan()
+    await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
+    await echo_cluster(kube_api, addresses=('198.51.100.99',))
+    await caught_up(kube_api, ap1)
+    await ap1.writeback.publish(stale, previous=None)
+    assert writes(kube_api) == []
+
+
 async def test_a_failed_write_is_retried_on_a_later_pass(kube_api: KubeEmulator, appliances: Any) -> None:
     await echo_cluster(kube_api)
     ap1 = await appliances('ap1')
