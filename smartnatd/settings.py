@@ -3,9 +3,9 @@
 Compatibility with SmartNat (DevFactory/smartnat, pkg/config/config.go):
 - same names, meanings and defaults; booleans accept everything Go's strconv.ParseBool does
   (1 t T TRUE true True 0 f F FALSE false False), in any case, plus yes/no/y/n/on/off;
-- SNCTRLR_INTERFACES_PATTERN has Go regexp semantics: an unanchored search, ASCII classes, and
-  the Go-only syntax an operator is likely to have written ([[:digit:]], \\z, \\Q...\\E, (?<name>))
-  is translated to Python's;
+- SNCTRLR_INTERFACES_PATTERN has Go regexp semantics: it is compiled with RE2 (google-re2), the
+  engine whose syntax Go's regexp implements, and searched unanchored, so every pattern Go
+  accepted means the same here and every one it refused is refused;
 - an empty (or blank) value means the default, as SmartNat did for booleans; the exception is
   SNCTRLR_MONITOR_IP, where empty means "listen on every address";
 - where SmartNat silently replaced a bad value by a default (or by 0), smartnatd refuses to start
