@@ -125,6 +125,9 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
         return tuple(map(_keep_only, new.dnats))
     wanted = {d.external: d for d in new.dnats}
     before = {d.external: d for d in old.dnats}
+    # A flow's replies follow the mark it got when it came in: the mark of its interface then.
+    old_marks = {p.interface: p.mark for p in old.return_paths}
+    new_marks = {p.interface: p.mark for p in new.return_paths}
     filters: list[FlowFilter] = []
     for external in sorted(before.keys() | wanted.keys()):
         was, now = before.get(external), wanted.get(external)
@@ -153,7 +156,12 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
             switched = was.virtual_target != now.virtual_target
             lost = switched or not set(was.targets) <= set(now.targets)
             shrank = _sources_shrank(before=was.allowed_sources, after=now.allowed_sources)
-            if lost and now.virtual_target:
+            if old_marks.get(was.interface) != new_marks.get(now.interface):
+                # The address moved to another interface, or its interface came back with a new
+                # ifindex: the flows' marks route replies by a path that is gone (the client's
+                # rp_filter drops them). Their next packets start over with the right mark.
+                filters.append(FlowFilter(external=external, keep_targets=None, keep_sources=None))
+            elif lost and now.virtual_target:
                 filters.append(FlowFilter(external=external, keep_targets=None, keep_sources=None))
             elif lost or shrank:
                 filters.append(

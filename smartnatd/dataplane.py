@@ -113,8 +113,15 @@ class Dataplane:
             else:
                 cleanup = self._flow_cleanup(desired)
             self._applied = after
-            if is_full or self._desired is None or desired.return_paths != self._desired.return_paths:
-                routing = await self._routing.apply(desired.return_paths)
+            if (
+                is_full
+                or self._desired is None
+                or desired.return_paths != self._desired.return_paths
+                or bool(desired.egress) != bool(self._desired.egress)
+            ):
+                # While pod egress is marked, marked packets take the main table's specific
+                # routes first: the egress mark only overrides the main default route.
+                routing = await self._routing.apply(desired.return_paths, specific_routes_first=bool(desired.egress))
             else:
                 # Unchanged paths: reading every owned rule and route back costs more than the
                 # whole nft step of a small change. Drift (a route the kernel dropped with a
@@ -143,13 +150,16 @@ class Dataplane:
         endpoint and, until the first sweep, every endpoint served (the sweep keeps those)."""
         known = None if self._swept else {d.external for d in desired.dnats}
         changed = self._renderer.dnat_changes(since=self._desired)
-        if changed is None:
-            return stale_flow_filters(old=self._desired, new=desired), known
+        old = self._desired
+        if changed is None or old is None or old.return_paths != desired.return_paths:
+            # A return path's mark changing touches every endpoint on its interface, changed or not.
+            return stale_flow_filters(old=old, new=desired), known
         # Only Dnats that changed can need a filter: comparing these gives the same filters as
         # comparing every Dnat, without a pass over all of them.
         gone, came = changed
         filters = stale_flow_filters(
-            old=DesiredState(dnats=gone), new=DesiredState(dnats=came, drop_unmapped=desired.drop_unmapped)
+            old=DesiredState(dnats=gone, return_paths=old.return_paths),
+            new=DesiredState(dnats=came, return_paths=desired.return_paths, drop_unmapped=desired.drop_unmapped),
         )
         return filters, known
 

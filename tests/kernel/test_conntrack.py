@@ -18,6 +18,7 @@ External endpoints, DNATed by the router (203.0.113.0/24 is on no interface: the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import secrets
@@ -37,7 +38,7 @@ from pyroute2 import AsyncConntrack, netns
 from pyroute2.conntrack import ConntrackEntry, NFCTAttrTuple
 
 from smartnatd.conntrack import ConntrackEdge, FlowFilter, _doom, _Flow, stale_flow_filters
-from smartnatd.desired import MARK_MASK, DesiredState, Dnat, ExternalEndpoint, Target
+from smartnatd.desired import MARK_MASK, DesiredState, Dnat, ExternalEndpoint, ReturnPath, Target, interface_mark
 from smartnatd.model import MappingKey, Protocol
 
 CLIENT_1 = IPv4Address("192.0.2.2")
@@ -97,6 +98,21 @@ def nets(*texts: str) -> tuple[IPv4Network, ...]:
 def test_unchanged_endpoints_need_no_filter() -> None:
     desired = state(dnat(E1, BACKEND_A, sources=nets("192.0.2.0/24")), dnat(E2, BACKEND_A, BACKEND_B))
     assert stale_flow_filters(old=desired, new=desired) == ()
+
+
+def test_a_new_mark_for_an_interface_deletes_every_flow_to_its_endpoints() -> None:
+    # ext1 came back with another ifindex (or the address moved to another interface): the
+    # flows' old mark routes their replies by a path that is gone.
+    path = ReturnPath(
+        interface="ext1", ifindex=2, mark=interface_mark(2), table=2002, gateway=IPv4Address("192.0.2.1"),
+        network=IPv4Network("192.0.2.0/24"), source=IPv4Address("192.0.2.10"),
+    )
+    old = dataclasses.replace(state(dnat(E1, BACKEND_A), dnat(E2, BACKEND_A)), return_paths=(path,))
+    new = dataclasses.replace(old, return_paths=(dataclasses.replace(path, ifindex=5, mark=interface_mark(5)),))
+    assert stale_flow_filters(old=old, new=new) == tuple(
+        FlowFilter(external=e, keep_targets=None, keep_sources=None) for e in (E1, E2)
+    )
+    assert stale_flow_filters(old=old, new=old) == ()
 
 
 def test_removed_endpoint_deletes_every_flow_to_it() -> None:

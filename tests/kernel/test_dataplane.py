@@ -374,6 +374,26 @@ async def test_conflicting_and_invalid_mappings_leave_the_others_working(topolog
     )
 
 
+async def test_an_address_moved_to_another_interface_takes_its_flows_along(topology, echo_servers, appliance):
+    web_dns = mapping("web", mode="direct", addresses=("192.0.2.11",), ports=((53, "udp", 53),))
+    objs = dict(services=[web()], slices=[web_slice((POD1,))])
+    await appliance.apply(web_dns, **objs)
+    flow = UdpFlow(topology.client, src=topology.allowed_client, sport=40405, dst="192.0.2.11", dport=53)
+    try:
+        assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"a")).name == "pod1"
+        # 192.0.2.11 moves from ext1 to ext2, and clients reach it by that link now.
+        sh(topology.appliance, "ip", "addr", "del", "192.0.2.11/24", "dev", "ext1")
+        sh(topology.appliance, "ip", "addr", "add", "192.0.2.11/32", "dev", "ext2")
+        sh(topology.client, "ip", "route", "add", "192.0.2.11/32", "dev", "c2")
+        await appliance.apply(web_dns, **objs)
+        assert appliance.last_report.flows_deleted == 1
+        # The same flow is served again: its entry, marked for ext1 (whose replies the client's
+        # strict rp_filter now drops), is gone, and its next datagram starts over on ext2.
+        assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"b")).name == "pod1"
+    finally:
+        flow.close()
+
+
 async def test_a_reply_to_the_box_own_traffic_is_not_held_to_a_mappings_allow_list(topology, echo_servers, appliance):
     # udp/53 on 192.0.2.10 is mapped and open only to 198.18.0.0/24. The box's own DNS-style
     # query from 192.0.2.10:53 to the refused client gets its answer: the allow-list is for
