@@ -5,6 +5,12 @@ resume from, then one watch request until the server ends it (timeoutSeconds) or
 `Watcher.run()` is the thin endless wrapper: it repeats `step()`, relists after 410 at once and
 backs off (capped, jittered) after any other failure. Nothing here ever clears the store: while
 the API server is unreachable the last good state keeps being served.
+
+The backoff starts again only once the server has proven to work, as client-go's reflector
+judges it: a successful list, or a watch that delivered events or stayed open a while. A watch
+request that is answered and then fails at once (an ERROR event, a stream that ends with no
+event within MIN_WATCH seconds) is a failure like any other: the delays keep growing and the
+outage is logged once, when it starts, and once when it ends.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +37,7 @@ logger = logging.getLogger(__name__)
 WATCH_TIMEOUT = 300  # seconds the server keeps one watch open (randomised per request, +-10%)
 PAGE_SIZE = 500  # list in pages: a 10k-object list is not one huge response
 GONE = 410
+MIN_WATCH = 1.0  # seconds; a watch ending sooner without any event counts as a failure
 
 
 class RawSink(Protocol):
@@ -107,6 +115,7 @@ class Watcher:
         watch_timeout: int = WATCH_TIMEOUT,
         page_size: int = PAGE_SIZE,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.resource = resource
         self._store = store
@@ -116,6 +125,7 @@ class Watcher:
         self._watch_timeout = watch_timeout
         self._page_size = page_size
         self._rng = rng or random.Random()
+        self._clock = clock
         self.resource_version: str | None = None  # None: the next step lists first
         self._failing = False
         self.problem = ""  # why the last request failed, while it keeps failing; "" when fine
@@ -140,7 +150,8 @@ class Watcher:
             self.resource_version = None
             self.expired_in_a_row += 1
             return
-        self.expired_in_a_row = 0 if applied else self.expired_in_a_row
+        if applied:
+            self.expired_in_a_row = 0
 
     async def relist(self) -> None:
         items: list[dict[str, Any]] = []
@@ -176,11 +187,17 @@ class Watcher:
         self._store.replace(self.resource.kind, parsed)
         self.resource_version = version or None
         self.listed = True
-        self._ok()
+        if not self.expired_in_a_row:
+            # Right after a 410 the list proves little: a watch must work too (410 loops back off).
+            self._ok()
         logger.info("listed %s count=%d resourceVersion=%s", self.name, len(parsed), version)
 
     async def watch(self) -> int:
-        """One watch request from `resource_version`; returns the number of events applied."""
+        """One watch request from `resource_version`; returns the number of events applied.
+
+        Raises Expired on 410 (an HTTP status or an ERROR event), KubeApiError on other
+        failures, including a stream that ends within MIN_WATCH seconds without any event.
+        """
         timeout = int(self._watch_timeout * self._rng.uniform(0.9, 1.1))
         kwargs: dict[str, Any] = {
             "watch": True,
@@ -193,8 +210,13 @@ class Watcher:
             kwargs["label_selector"] = self.resource.label_selector
         # The server ends the stream after `timeout`; a silent connection longer than that is dead.
         client_timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30, sock_read=timeout + 30)
-        response = await open_stream(self.resource.list_method, *self.resource.list_args, timeout=client_timeout, **kwargs)
-        self._ok()
+        started = self._clock()
+        try:
+            response = await open_stream(self.resource.list_method, *self.resource.list_args, timeout=client_timeout, **kwargs)
+        except KubeApiError as err:
+            if err.status == GONE:  # the server checks the resourceVersion before it starts streaming
+                raise Expired(str(err)) from err
+            raise
         applied = 0
         try:
             async for line in response.content:
@@ -203,13 +225,20 @@ class Watcher:
                 try:
                     event = json.loads(line)
                 except ValueError as err:
-                    raise KubeApiError(f"watch {self.name}: not a JSON event: {line[:100]!r}") from err
+                    raise KubeApiError(f"not a JSON event: {line[:100]!r}") from err
                 self._apply(event)
+                if not applied:
+                    self._ok()  # events flow: the server works
                 applied += 1
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as err:
-            raise KubeApiError(f"watch {self.name} broke off: {err!r}") from err
+            raise KubeApiError(f"the stream broke off: {err!r}") from err
         finally:
             response.release()
+        if not applied:
+            lasted = self._clock() - started
+            if lasted < MIN_WATCH:
+                raise KubeApiError(f"the server ended the watch after {lasted:.1f}s without any event")
+            self._ok()  # a quiet watch the server ended at its timeout
         return applied
 
     def _apply(self, event: dict[str, Any]) -> None:
@@ -218,7 +247,7 @@ class Watcher:
             code = int(obj.get("code") or 0)
             if code == GONE:
                 raise Expired(obj.get("message", ""))
-            raise KubeApiError(f"watch {self.name}: {obj.get('message', obj)}", status=code)
+            raise KubeApiError(f"ERROR event {code}: {obj.get('message', obj)}", status=code)
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind in ("ADDED", "MODIFIED"):
             model = self._parse(obj)
@@ -276,7 +305,7 @@ class Watcher:
                 continue
 
     def _ok(self) -> None:
-        """A list or watch request was answered: the trouble, if any, is over."""
+        """A list succeeded or a watch worked (events, or open a while): the trouble is over."""
         if self._failing:
             logger.info("watch %s recovered", self.name)
             self._failing = False

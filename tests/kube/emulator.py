@@ -203,6 +203,7 @@ class FailureRule:
     subresource: Any = ANY
     predicate: Callable[[RecordedRequest], bool] | None = None
     message: str | None = None
+    in_stream: bool | None = None  # watches: an ERROR event (None: only for 410) or an HTTP status
     hits: list[RecordedRequest] = dataclasses.field(default_factory=list)
 
     def matches(self, rec: RecordedRequest) -> bool:
@@ -663,17 +664,21 @@ class KubeEmulator(kmock.KubernetesEmulator):
         namespace: Any = ANY, name: Any = ANY, subresource: Any = ANY,
         predicate: Callable[[RecordedRequest], bool] | None = None,
         message: str | None = None,
+        in_stream: bool | None = None,
     ) -> FailureRule:
         """
         The next `count` requests matching all given criteria fail with `status`; state is
         not changed. A watch failing with 410 gets it as an ERROR event (as the apiserver
-        sends it); other statuses are HTTP statuses. `subresource=None` means the main object.
+        sends it); other statuses are HTTP statuses. `in_stream=True` sends any status as an
+        ERROR event in a 200 watch stream, `in_stream=False` even a 410 as an HTTP status (as
+        an apiserver does when the watch request itself names a too old resourceVersion).
+        `subresource=None` means the main object.
         """
         rule = FailureRule(
             status=status, remaining=count, verb=verb, method=method,
             resource=None if resource is None else self.spec(resource),
             namespace=namespace, name=name, subresource=subresource,
-            predicate=predicate, message=message,
+            predicate=predicate, message=message, in_stream=in_stream,
         )
         self._failures.append(rule)
         return rule
@@ -917,7 +922,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 rule.remaining -= 1
                 rule.hits.append(rec)
                 body = status_body(rule.status, rule.message or f'injected failure {rule.status}')
-                if rec.verb == 'watch' and rule.status == 410:
+                in_stream = rule.status == 410 if rule.in_stream is None else rule.in_stream
+                if rec.verb == 'watch' and in_stream:
                     response = aiohttp.web.StreamResponse(headers={'Content-Type': JSON})
                     assert request._raw_request is not None
                     await response.prepare(request._raw_request)

@@ -1,6 +1,7 @@
 """List-then-watch against the emulated API server, asserting on the requests it received."""
 
 import asyncio
+import logging
 import random
 
 import pytest
@@ -19,6 +20,14 @@ from .emulator import ENDPOINTSLICES, MAPPINGS, SERVICES, KubeEmulator
 def mappings_resource(client: ApiClient) -> Resource:
     return Resource(kind=Kind.MAPPINGS, list_method=CustomObjectsApi(client).list_cluster_custom_object,
                     list_args=(GROUP, VERSION, PLURAL), parse=parse_mapping)
+
+
+def time_out_watches(kube_api: KubeEmulator) -> None:
+    """End open watches as the server's timeoutSeconds does: after a while, so with a bookmark.
+
+    A watch that ends at once without any event counts as a failure (MIN_WATCH)."""
+    kube_api.send_bookmarks()
+    kube_api.close_watches()
 
 
 def names(store: Store, kind: Kind = Kind.MAPPINGS) -> list[str]:
@@ -43,7 +52,7 @@ async def test_lists_all_namespaces_then_watches_from_the_list_version(
         await kube_api.create_object(MAPPINGS, mapping_body('c', namespace='ns3'))
         await kube_api.delete_object(MAPPINGS, 'a', namespace='ns1')
         await async_wait_until(lambda: names(store) == ['ns2/b', 'ns3/c'], timeout=5, message='watch events')
-        kube_api.close_watches()  # as the server's timeoutSeconds does
+        time_out_watches(kube_api)
     await task
 
     [listed, watched] = kube_api.recorded(resource=MAPPINGS)
@@ -73,7 +82,7 @@ async def test_after_the_server_ends_a_watch_it_resumes_without_listing(
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(watcher.step())
         await kube_api.wait_for_watches(MAPPINGS)
-        kube_api.close_watches()
+        time_out_watches(kube_api)
     verbs = [r.verb for r in kube_api.recorded(resource=MAPPINGS)]
     assert verbs == ['list', 'watch', 'watch']
     assert kube_api.recorded(verb='watch')[-1].query['resourceVersion'] == resumed_from
@@ -100,7 +109,7 @@ async def test_410_gone_relists_and_replaces_the_store(kube_api: KubeEmulator, k
         task = tg.create_task(watcher.step())
         await kube_api.wait_for_watches(MAPPINGS)
         assert names(store) == ['demo/b', 'demo/c']
-        kube_api.close_watches()
+        time_out_watches(kube_api)
     assert [r.verb for r in kube_api.recorded(resource=MAPPINGS)] == ['list', 'watch', 'list', 'watch']
 
 
@@ -117,7 +126,7 @@ async def test_a_resume_version_older_than_the_history_gets_410_then_a_relist(
         tg.create_task(watcher.step())
         await kube_api.wait_for_watches(MAPPINGS)
         assert names(store) == ['demo/a']
-        kube_api.close_watches()
+        time_out_watches(kube_api)
 
 
 async def test_bookmarks_move_the_resume_version(kube_api: KubeEmulator, kube_client: ApiClient) -> None:
@@ -131,7 +140,7 @@ async def test_bookmarks_move_the_resume_version(kube_api: KubeEmulator, kube_cl
         kube_api.send_bookmarks()
         await async_wait_until(lambda: watcher.resource_version == kube_api.resource_version, timeout=5,
                                message='the bookmark version')
-        kube_api.close_watches()
+        time_out_watches(kube_api)
     assert names(store) == []
 
 
@@ -164,8 +173,9 @@ async def test_api_down_keeps_the_store_backs_off_capped_and_resumes(
             assert names(store) == ['demo/a']  # the last good state is kept, never cleared
             release.set_result(None)
         _, last = await sleeps.next()
+        # The first delay: the open watch ended at once without any event; then 503s.
         failed = [r for r in kube_api.recorded(resource=MAPPINGS) if r.status == 503]
-        assert len(failed) == 6 and all(r.verb == 'watch' for r in failed)
+        assert len(failed) == 5 and all(r.verb == 'watch' for r in failed)
         # Capped exponential with jitter in [d/2, d]: 1, 2, 4, 4, 4, 4.
         for delay, cap in zip(sleeps.delays, [1, 2, 4, 4, 4, 4], strict=True):
             assert cap / 2 <= delay <= cap
@@ -198,7 +208,7 @@ async def test_invalid_services_are_left_out_and_their_old_version_removed(
         assert names(store, Kind.SERVICES) == ['demo/flaky', 'demo/good']
         await kube_api.patch_object(SERVICES, 'flaky', {'spec': {'clusterIP': 'nonsense'}}, namespace='demo')
         await async_wait_until(lambda: names(store, Kind.SERVICES) == ['demo/good'], timeout=5, message='dropped')
-        kube_api.close_watches()
+        time_out_watches(kube_api)
     assert store.get(Kind.SERVICES, ObjectKey('demo', 'good')) is not None
 
 
@@ -216,7 +226,7 @@ async def test_endpoint_slices_are_selected_by_their_service_label(
     async with asyncio.TaskGroup() as tg:
         tg.create_task(watcher.step())
         await kube_api.wait_for_watches(ENDPOINTSLICES)
-        kube_api.close_watches()
+        time_out_watches(kube_api)
     assert names(store, Kind.ENDPOINT_SLICES) == ['demo/echo-1']
     assert {r.query.get('labelSelector') for r in kube_api.recorded(resource=ENDPOINTSLICES)} == {SERVICE_NAME_LABEL}
     assert all(r.path == '/apis/discovery.k8s.io/v1/endpointslices' for r in kube_api.recorded(resource=ENDPOINTSLICES))
@@ -239,3 +249,88 @@ async def test_a_missing_crd_or_permission_is_retried_at_backoff_without_crashin
         await kube_api.wait_for_watches(MAPPINGS)
         assert store.is_synced and names(store) == ['demo/a']
         task.cancel()
+
+
+async def test_in_stream_errors_back_off_growing_and_are_logged_once(
+        kube_api: KubeEmulator, kube_client: ApiClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger='smartnatd.kube.watch')
+    store = Store(expect={Kind.MAPPINGS})
+    sleeps = ManualSleep()
+    watcher = Watcher(resource=mappings_resource(kube_client), store=store, sleep=sleeps,
+                      backoff=Backoff(base=0.5, cap=4.0, rng=random.Random(1)))
+    await watcher.relist()
+    caplog.clear()
+    # Each watch request is answered (200) and then ends with an ERROR event.
+    kube_api.fail_next(6, status=500, verb='watch', resource=MAPPINGS, message='etcd is sad', in_stream=True)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(watcher.run())
+        for _ in range(6):
+            _, release = await sleeps.next()
+            release.set_result(None)
+        await kube_api.wait_for_watches(MAPPINGS)
+        for delay, cap in zip(sleeps.delays, [0.5, 1, 2, 4, 4, 4], strict=True):
+            assert cap / 2 <= delay <= cap
+        assert not watcher.up
+        await kube_api.create_object(MAPPINGS, mapping_body('a'))  # events flow again
+        await async_wait_until(lambda: watcher.up, timeout=5, message='recovered')
+        task.cancel()
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0][0] == 'WARNING'
+    assert messages[0][1].startswith(
+        'watch mappings: ERROR event 500: etcd is sad; serving the last known state; retrying in ')
+    assert messages[1] == ('INFO', 'watch mappings recovered')
+
+
+async def test_a_watch_that_ends_at_once_without_events_backs_off(
+        kube_api: KubeEmulator, kube_client: ApiClient) -> None:
+    store = Store(expect={Kind.MAPPINGS})
+    sleeps = ManualSleep()
+    watcher = Watcher(resource=mappings_resource(kube_client), store=store, sleep=sleeps,
+                      backoff=Backoff(base=0.5, cap=4.0, rng=random.Random(1)))
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(watcher.run())
+        for _ in range(4):
+            await kube_api.wait_for_watches(MAPPINGS)
+            kube_api.close_watches()  # a proxy that ends every stream at once
+            _, release = await sleeps.next()
+            release.set_result(None)
+        await kube_api.wait_for_watches(MAPPINGS)
+        task.cancel()
+    for delay, cap in zip(sleeps.delays, [0.5, 1, 2, 4], strict=True):
+        assert cap / 2 <= delay <= cap
+    assert [r.verb for r in kube_api.recorded(resource=MAPPINGS)] == ['list'] + ['watch'] * 5
+
+
+async def test_http_410_when_opening_a_watch_relists(kube_api: KubeEmulator, kube_client: ApiClient) -> None:
+    await kube_api.create_object(MAPPINGS, mapping_body('a'))
+    store = Store(expect={Kind.MAPPINGS})
+    sleeps = ManualSleep()
+    watcher = Watcher(resource=mappings_resource(kube_client), store=store, sleep=sleeps)
+    await watcher.relist()
+    kube_api.fail_next(1, status=410, verb='watch', resource=MAPPINGS, in_stream=False,
+                       message='too old resource version')
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(watcher.run())
+        await kube_api.wait_for_watches(MAPPINGS)
+        task.cancel()
+    assert [r.verb for r in kube_api.recorded(resource=MAPPINGS)] == ['list', 'watch', 'list', 'watch']
+    assert sleeps.delays == [] and watcher.problem == ''
+
+
+async def test_repeated_http_410_after_listing_backs_off(kube_api: KubeEmulator, kube_client: ApiClient) -> None:
+    store = Store(expect={Kind.MAPPINGS})
+    sleeps = ManualSleep()
+    watcher = Watcher(resource=mappings_resource(kube_client), store=store, sleep=sleeps,
+                      backoff=Backoff(base=0.5, cap=4.0, rng=random.Random(1)))
+    kube_api.fail_next(4, status=410, verb='watch', resource=MAPPINGS, in_stream=False)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(watcher.run())
+        for _ in range(3):
+            _, release = await sleeps.next()
+            release.set_result(None)
+        await kube_api.wait_for_watches(MAPPINGS)
+        task.cancel()
+    for delay, cap in zip(sleeps.delays, [0.5, 1, 2], strict=True):
+        assert cap / 2 <= delay <= cap
+    assert [r.verb for r in kube_api.recorded(resource=MAPPINGS)] == ['list', 'watch'] * 5
