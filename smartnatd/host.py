@@ -8,10 +8,12 @@ refresh) and calls on_change() when what it saw differs. It never touches the ke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 from collections.abc import Callable
 from ipaddress import IPv4Interface
+from pathlib import Path
 from socket import AF_INET
 from typing import Any
 
@@ -68,6 +70,17 @@ async def discover(ipr: AsyncIPRoute, *, pattern: InterfacePattern, default_gw_i
         for index, (name, up) in links.items()
     ]
     return Host(interfaces=tuple(sorted(interfaces, key=lambda iface: (iface.name, iface.index))))
+
+
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+
+def read_ip_forward(path: Path = IP_FORWARD) -> bool | None:
+    """Whether this network namespace forwards IPv4 (None when it cannot be read)."""
+    try:
+        return path.read_text().strip() != "0"
+    except OSError:
+        return None
 
 
 class HostWatcher:
@@ -151,6 +164,9 @@ class HostWatcher:
 
     async def _refresh(self, dumper: AsyncIPRoute) -> None:
         host = await discover(dumper, pattern=self._pattern, default_gw_interface=self._default_gw_interface)
+        if self._netns is None:
+            # /proc/sys/net is the reading process's own namespace: known only for that one.
+            host = dataclasses.replace(host, forwarding=read_ip_forward())
         if host == self._host:
             return
         previous, self._host = self._host, host

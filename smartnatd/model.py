@@ -125,6 +125,7 @@ class Host:
     """What interface discovery saw on the box."""
 
     interfaces: tuple[HostInterface, ...] = ()
+    forwarding: bool | None = None  # net.ipv4.ip_forward; None: not known (not read)
 
     def interface_of(self, address: IPv4Address) -> HostInterface | None:
         for iface in self.interfaces:

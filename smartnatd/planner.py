@@ -138,6 +138,12 @@ def gateway_of(address: IPv4Interface, offset: int) -> IPv4Address:
 def _return_paths(host: Host, settings: Settings) -> tuple[tuple[ReturnPath, ...], tuple[str, ...]]:
     paths: list[ReturnPath] = []
     problems: list[str] = []
+    if host.forwarding is False:
+        # Every rule is in place and every verdict reads Configured, yet no packet is forwarded.
+        problems.append(
+            "net.ipv4.ip_forward is 0: this box forwards nothing, so no Mapping is reachable; "
+            "set it to 1 (etc/sysctl.d/90-smartnat.conf)"
+        )
     if not host.interfaces:
         # Valid settings that fit no interface of this box serve nothing: say so, once.
         problems.append(

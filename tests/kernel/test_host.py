@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -256,3 +257,21 @@ async def test_watcher_in_a_missing_namespace_fails() -> None:
         await watcher.run()
     assert not os.path.exists(f"/var/run/netns/{name}")
     assert watcher.host is None and not watcher.synced.is_set()
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("1", True)])
+def test_ip_forward_is_read_in_the_namespace_the_daemon_runs_in(netns: str, value: str, expected: bool) -> None:
+    # The daemon runs in the box's own namespace: a child started in the test's namespace reads
+    # that one's /proc/sys, as smartnatd reads the box's.
+    sh("ip", "netns", "exec", netns, "sysctl", "-qw", f"net.ipv4.ip_forward={value}")
+    read = sh(
+        "ip", "netns", "exec", netns, sys.executable, "-c",
+        "from smartnatd.host import read_ip_forward; print(read_ip_forward())",
+    )
+    assert read.strip() == str(expected)
+
+
+def test_ip_forward_unreadable_is_unknown(tmp_path) -> None:
+    from smartnatd.host import read_ip_forward
+
+    assert read_ip_forward(tmp_path / "missing") is None

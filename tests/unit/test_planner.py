@@ -169,6 +169,17 @@ def test_gateway_offset_negative_counts_from_broadcast():
     assert str(gateway_of(IPv4Interface("10.10.10.10/24"), 1)) == "10.10.10.1"
 
 
+def test_forwarding_off_is_a_host_problem():
+    off = dataclasses.replace(HOST, forwarding=False)
+    p = plan(snap(mapping("a"), services=[service()], h=off), SETTINGS)
+    assert p.host_problems == (
+        "net.ipv4.ip_forward is 0: this box forwards nothing, so no Mapping is reachable; "
+        "set it to 1 (etc/sysctl.d/90-smartnat.conf)",
+    )
+    for known in (True, None):
+        assert plan(snap(h=dataclasses.replace(HOST, forwarding=known)), SETTINGS).host_problems == ()
+
+
 def test_a_slash_31_link_uses_the_other_address_as_its_gateway():
     # RFC 3021: both addresses of a /31 are hosts; the other one is the router, whatever the offset.
     from ipaddress import IPv4Interface
