@@ -242,7 +242,7 @@ def test_smartnat_unit_lifecycle() -> None:
     assert s["Restart"] == ["on-failure"]
     assert s["RestartPreventExitStatus"] == ["78"]
     assert s["KillSignal"] == ["SIGTERM"]
-    assert s["TimeoutStopSec"] == ["20s"]
+    assert s["TimeoutStopSec"] == ["30s"]
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
