@@ -5,9 +5,17 @@ and a default route via its gateway, and an ip rule sending packets whose mark (
 MARK_MASK) is the interface's mark to that table. Replies to connections that came in on a
 secondary interface, and pod egress SNATed to its addresses, then use the right gateway.
 
+With `specific_routes_first` (the dataplane sets it while any pod egress is marked) one more
+rule, at `rule_priority - 1`, sends every packet carrying a mark under MARK_MASK to the main
+table first with `suppress_prefixlength 0`: a specific main-table route (a connected network,
+an internal network behind the box) wins, only the main default route is overridden by the
+interface's table. Without it a marked pod connection to an internal network would be forced
+out of the external interface.
+
 What smartnatd owns, and therefore may change or delete:
 - routes whose protocol is ROUTE_PROTO, in tables [table_base, table_base + TABLE_SPAN);
-- rules at `rule_priority` whose fwmark lies inside MARK_MASK and whose table is in that range.
+- rules at `rule_priority` whose fwmark lies inside MARK_MASK and whose table is in that range;
+- rules at `rule_priority - 1` with fwmark 0/MARK_MASK looking up the main table.
 Everything else (the main table, other protocols, other priorities) is never touched, with one
 exception: a route sitting in exactly the slot (table, destination) that a desired route needs
 in an owned table is overwritten, since that table id is configured as smartnatd's.
@@ -48,12 +56,17 @@ _RT_SCOPE_UNIVERSE = 0
 _RT_SCOPE_LINK = 253
 _RTNH_F_ONLINK = 4  # the only next-hop flag a user sets; the others (dead, linkdown) are state
 _FR_ACT_TO_TBL = 1
+_FIB_RULE_INVERT = 2  # the `not` of `ip rule`
+_RT_TABLE_MAIN = 254
 _NO_SUPPRESS = 0xFFFFFFFF  # FRA_SUPPRESS_* value meaning "not set"
 
 # Route attributes the desired routes use; any other attribute makes an owned route differ.
 _ROUTE_ATTRS = {"RTA_TABLE", "RTA_DST", "RTA_GATEWAY", "RTA_OIF", "RTA_PREFSRC", "RTA_PRIORITY"}
-# Rule attributes of a plain "fwmark M/MASK lookup T" rule (as the kernel dumps it).
-_RULE_ATTRS = {"FRA_TABLE", "FRA_PRIORITY", "FRA_FWMARK", "FRA_FWMASK", "FRA_PROTOCOL", "FRA_PAD"}
+# Rule attributes of a plain "[not] fwmark M/MASK lookup T [suppress_prefixlength N]" rule (as
+# the kernel dumps it; it leaves out a zero FRA_FWMARK and a zero FRA_PRIORITY).
+_RULE_ATTRS = {
+    "FRA_TABLE", "FRA_PRIORITY", "FRA_FWMARK", "FRA_FWMASK", "FRA_PROTOCOL", "FRA_PAD", "FRA_SUPPRESS_PREFIXLEN"
+}
 # Deletion errors meaning "already gone": another actor or a link going down removed it.
 _GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV}
 
@@ -122,10 +135,19 @@ class _Rule:
     an identical rule added by hand serves just as well.
     """
 
+    priority: int
     mark: int
     mask: int
     table: int
+    invert: bool = False
+    suppress_prefixlen: int = _NO_SUPPRESS
     plain: bool = True
+
+    def describe(self) -> str:
+        inverted = "not " if self.invert else ""
+        lookup = "main" if self.table == _RT_TABLE_MAIN else str(self.table)
+        suppress = f" suppress_prefixlength {self.suppress_prefixlen}" if self.suppress_prefixlen != _NO_SUPPRESS else ""
+        return f"{self.priority}: {inverted}fwmark {self.mark:#x}/{self.mask:#x} lookup {lookup}{suppress}"
 
 
 @dataclass(frozen=True)
@@ -149,6 +171,11 @@ class RoutingEdge:
         self._netns = netns
         self._table_base = table_base
         self._rule_priority = rule_priority
+        # Priority 0 (when rule_priority is 1) still comes after the local table's rule: the
+        # kernel appends a rule after those of equal priority.
+        self._main_first_rule = _Rule(
+            priority=rule_priority - 1, mark=0, mask=MARK_MASK, table=_RT_TABLE_MAIN, invert=True, suppress_prefixlen=0
+        )
         self._ipr: AsyncIPRoute | None = None
 
     @property
@@ -184,14 +211,17 @@ class RoutingEdge:
 
     # ---- public operations -------------------------------------------------------------
 
-    async def apply(self, paths: Sequence[ReturnPath]) -> RoutingReport:
+    async def apply(self, paths: Sequence[ReturnPath], *, specific_routes_first: bool = False) -> RoutingReport:
         """Make the owned rules and routes equal `paths`; returns what changed.
+
+        specific_routes_first: marked packets take a specific route of the main table before
+        their interface's table (the `suppress_prefixlength 0` rule); see the module docstring.
 
         Order keeps traffic flowing: tables are filled before their rules appear, and stale
         rules go before the routes of their tables. A failing path does not stop the others;
         every failure is reported together at the end.
         """
-        desired_routes, desired_rules = self._desired(paths)
+        desired_routes, desired_rules = self._desired(paths, specific_routes_first=specific_routes_first)
         seen_routes = await self._owned_routes()
         seen_rules = await self._owned_rules()
         failures: list[str] = []
@@ -225,7 +255,7 @@ class RoutingEdge:
         stale_rules = [seen_rule for seen_rule in seen_rules if seen_rule.rule not in desired_rules]
         # A new rule for a table that had a different owned rule is one change: replaced.
         replacing: set[int] = set()
-        for rule, interface in desired_rules.items():
+        for rule, owner in desired_rules.items():
             if rule in present_rules:
                 continue
             if rule.table in failed_tables:
@@ -233,7 +263,7 @@ class RoutingEdge:
                 stale_rules = [stale for stale in stale_rules if stale.rule.table != rule.table]
                 continue
             try:
-                await self._add_rule(rule, interface=interface)
+                await self._add_rule(rule, owner=owner)
             except NetlinkApplyError as err:
                 failures.append(str(err))
                 stale_rules = [stale for stale in stale_rules if stale.rule.table != rule.table]
@@ -294,11 +324,17 @@ class RoutingEdge:
 
     # ---- desired state -----------------------------------------------------------------
 
-    def _desired(self, paths: Iterable[ReturnPath]) -> tuple[list[_DesiredRoute], dict[_Rule, str]]:
+    def _desired(
+        self, paths: Iterable[ReturnPath], *, specific_routes_first: bool
+    ) -> tuple[list[_DesiredRoute], dict[_Rule, str]]:
         routes: list[_DesiredRoute] = []
         rules: dict[_Rule, str] = {}
         tables: dict[int, str] = {}
-        for path in sorted(paths):
+        paths = sorted(paths)
+        if specific_routes_first and paths:
+            # First in the dict, so it is added before the fwmark rules it must precede.
+            rules[self._main_first_rule] = "main table"
+        for path in paths:
             # A path outside the owned range could never be found again: that is a planner bug.
             if path.table not in self.tables:
                 raise ValueError(f"return path of {path.interface}: table {path.table} outside {self.tables}")
@@ -321,7 +357,9 @@ class RoutingEdge:
                     interface=path.interface,
                 )
             )
-            rules[_Rule(mark=path.mark, mask=MARK_MASK, table=path.table)] = path.interface
+            rules[_Rule(priority=self._rule_priority, mark=path.mark, mask=MARK_MASK, table=path.table)] = (
+                f"interface {path.interface}"
+            )
         return routes, rules
 
     # ---- kernel state ------------------------------------------------------------------
@@ -349,15 +387,23 @@ class RoutingEdge:
         try:
             async for msg in await self._socket.rule("dump", family=AF_INET):
                 table = msg.get_attr("FRA_TABLE") or msg["table"]
+                priority = msg.get_attr("FRA_PRIORITY", 0)
                 mark = msg.get_attr("FRA_FWMARK")
-                if (
-                    msg.get_attr("FRA_PRIORITY", 0) != self._rule_priority
-                    or mark is None
-                    or mark & ~MARK_MASK
-                    or table not in self.tables
-                ):
+                if priority == self._rule_priority:
+                    if mark is None or mark & ~MARK_MASK or table not in self.tables:
+                        continue
+                elif priority == self._main_first_rule.priority:
+                    # Ours by its selector; the kernel leaves a zero mark out of the dump.
+                    main_first = self._main_first_rule
+                    if (
+                        (mark or 0) != main_first.mark
+                        or msg.get_attr("FRA_FWMASK") != main_first.mask
+                        or table != main_first.table
+                    ):
+                        continue
+                else:
                     continue
-                seen.append(_parse_rule(msg, table=table, mark=mark))
+                seen.append(_parse_rule(msg, table=table, priority=priority, mark=mark or 0))
         except (NetlinkError, OSError) as err:
             raise NetlinkApplyError(f"could not list ip rules: {_describe(err)}") from err
         return seen
@@ -403,31 +449,29 @@ class RoutingEdge:
         logger.debug("route deleted table=%d dst=%s", seen.key.table, seen.key.dst)
         return True
 
-    async def _add_rule(self, rule: _Rule, *, interface: str) -> None:
+    async def _add_rule(self, rule: _Rule, *, owner: str) -> None:
+        spec: dict[str, Any] = {
+            "family": AF_INET,
+            "priority": rule.priority,
+            "fwmark": rule.mark,
+            "fwmask": rule.mask,
+            "table": rule.table,
+            "action": _FR_ACT_TO_TBL,
+            "protocol": ROUTE_PROTO,
+        }
+        if rule.invert:
+            spec["flags"] = _FIB_RULE_INVERT
+        if rule.suppress_prefixlen != _NO_SUPPRESS:
+            spec["suppress_prefixlen"] = rule.suppress_prefixlen
         try:
-            await self._socket.rule(
-                "add",
-                family=AF_INET,
-                priority=self._rule_priority,
-                fwmark=rule.mark,
-                fwmask=rule.mask,
-                table=rule.table,
-                action=_FR_ACT_TO_TBL,
-                protocol=ROUTE_PROTO,
-            )
+            await self._socket.rule("add", **spec)
         except NetlinkError as err:
             if err.code == errno.EEXIST:
                 return  # appeared since the dump (a concurrent apply): the state is as wanted
-            raise NetlinkApplyError(
-                f"interface {interface}: could not add rule fwmark {rule.mark:#x}/{rule.mask:#x}"
-                f" lookup {rule.table}: {_describe(err)}"
-            ) from err
+            raise NetlinkApplyError(f"{owner}: could not add rule {rule.describe()}: {_describe(err)}") from err
         except OSError as err:
-            raise NetlinkApplyError(
-                f"interface {interface}: could not add rule fwmark {rule.mark:#x}/{rule.mask:#x}"
-                f" lookup {rule.table}: {_describe(err)}"
-            ) from err
-        logger.debug("rule added priority=%d fwmark=%#x table=%d", self._rule_priority, rule.mark, rule.table)
+            raise NetlinkApplyError(f"{owner}: could not add rule {rule.describe()}: {_describe(err)}") from err
+        logger.debug("rule added %s", rule.describe())
 
     async def _delete_rule(self, seen: _SeenRule) -> bool:
         try:
@@ -436,15 +480,13 @@ class RoutingEdge:
             if err.code in _GONE:
                 return False
             raise NetlinkApplyError(
-                f"table {seen.rule.table}: could not delete stale rule fwmark {seen.rule.mark:#x}: {_describe(err)}"
+                f"table {seen.rule.table}: could not delete stale rule {seen.rule.describe()}: {_describe(err)}"
             ) from err
         except OSError as err:
             raise NetlinkApplyError(
-                f"table {seen.rule.table}: could not delete stale rule fwmark {seen.rule.mark:#x}: {_describe(err)}"
+                f"table {seen.rule.table}: could not delete stale rule {seen.rule.describe()}: {_describe(err)}"
             ) from err
-        logger.debug(
-            "rule deleted priority=%d fwmark=%#x table=%d", self._rule_priority, seen.rule.mark, seen.rule.table
-        )
+        logger.debug("rule deleted %s", seen.rule.describe())
         return True
 
 
@@ -480,27 +522,35 @@ def _parse_route(msg: Any, *, table: int) -> _SeenRoute:
     return _SeenRoute(key=key, route=route, delete_spec=delete_spec)
 
 
-def _parse_rule(msg: Any, *, table: int, mark: int) -> _SeenRule:
+def _parse_rule(msg: Any, *, table: int, priority: int, mark: int) -> _SeenRule:
     attrs = dict(msg["attrs"])
     extras = set(attrs) - _RULE_ATTRS
-    # The kernel always dumps the suppress attributes; "unset" is all ones.
-    for name in ("FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP"):
-        if attrs.get(name, _NO_SUPPRESS) == _NO_SUPPRESS:
-            extras.discard(name)
+    # The kernel always dumps the suppress attributes; "unset" is all ones. The prefix length
+    # is compared as a field, the interface group makes a rule odd.
+    if attrs.get("FRA_SUPPRESS_IFGROUP", _NO_SUPPRESS) == _NO_SUPPRESS:
+        extras.discard("FRA_SUPPRESS_IFGROUP")
     plain = (
         not extras
         and msg["action"] == _FR_ACT_TO_TBL
         and msg["src_len"] == 0
         and msg["dst_len"] == 0
         and msg["tos"] == 0
-        and msg["flags"] == 0
+        and msg["flags"] & ~_FIB_RULE_INVERT == 0
     )
-    rule = _Rule(mark=mark, mask=attrs.get("FRA_FWMASK", 0xFFFFFFFF), table=table, plain=plain)
+    rule = _Rule(
+        priority=priority,
+        mark=mark,
+        mask=attrs.get("FRA_FWMASK", 0xFFFFFFFF),
+        table=table,
+        invert=bool(msg["flags"] & _FIB_RULE_INVERT),
+        suppress_prefixlen=attrs.get("FRA_SUPPRESS_PREFIXLEN", _NO_SUPPRESS),
+        plain=plain,
+    )
     # The kernel deletes the first rule matching every selector given: give all we saw so a
     # plain twin of an odd rule (or the reverse) is never deleted by mistake.
     delete_spec: dict[str, Any] = {
         "family": AF_INET,
-        "priority": attrs["FRA_PRIORITY"],
+        "priority": priority,
         "fwmark": mark,
         "fwmask": rule.mask,
         "table": table,
@@ -510,6 +560,8 @@ def _parse_rule(msg: Any, *, table: int, mark: int) -> _SeenRule:
     }
     if attrs.get("FRA_PROTOCOL"):
         delete_spec["protocol"] = attrs["FRA_PROTOCOL"]
+    if rule.suppress_prefixlen != _NO_SUPPRESS:
+        delete_spec["suppress_prefixlen"] = rule.suppress_prefixlen
     for name, key in (("FRA_SRC", "src"), ("FRA_DST", "dst"), ("FRA_IIFNAME", "iifname"), ("FRA_OIFNAME", "oifname")):
         if name in attrs:
             delete_spec[key] = attrs[name]
