@@ -29,6 +29,7 @@ libexec_dir=/usr/local/libexec/smartnat
 share_dir=/usr/local/share/smartnat
 packages=(
   nftables libnftables1 iproute2 conntrack python3 python3-venv # smartnatd
+  procps                                                       # sysctl, for the sysctl.d file
   iptables ipset ipvsadm                                       # kube-proxy in IPVS mode
   ca-certificates curl                                         # downloads
 )
