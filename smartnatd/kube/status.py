@@ -34,6 +34,9 @@ CONFLICT = "Conflict"
 CONDITION_ORDER = (READY, INVALID, CONFLICT)
 SHARED_FIELDS = frozenset({"invalid", "serviceVIP", "observedGeneration", "conditions"})
 VALID_NO = "no"  # SmartNat's value of status.invalid for a valid Mapping
+# The CRD allows condition messages of 32768 characters; a status holding a verdict's reason
+# (one sentence per problem, unbounded) stays far below that, so no write gets a 422 for it.
+MESSAGE_LIMIT = 4096
 
 RESOLVED = "Resolved"
 RESOLVED_MESSAGE = (
@@ -68,6 +71,11 @@ class StatusChange:
     events: tuple[Event, ...]  # transitions this patch records; post them once it succeeded
 
 
+def clip(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text`, cut to `limit` characters with an ellipsis when longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def cluster_conditions(verdict: Verdict) -> tuple[Condition, ...]:
     """The conditions every appliance computes alike for this verdict (none while deleting)."""
     kind = verdict.kind
@@ -93,14 +101,20 @@ def cluster_conditions(verdict: Verdict) -> tuple[Condition, ...]:
     return (ready, invalid, conflict)
 
 
+def _by_type(conditions: Any) -> dict[str, dict[str, Any]]:
+    """Well-formed conditions by type; anything else in the list (or no list) is ignored."""
+    return {
+        c["type"]: c
+        for c in (conditions if isinstance(conditions, list) else ())
+        if isinstance(c, dict) and isinstance(c.get("type"), str)
+    }
+
+
 def merge_conditions(
     current: Any, wanted: Iterable[Condition], *, now: str, generation: int | None
 ) -> list[dict[str, Any]]:
     """metav1.Condition list: wanted ones replace theirs, keeping lastTransitionTime if unchanged."""
-    by_type: dict[str, dict[str, Any]] = {}
-    for c in current if isinstance(current, list) else ():
-        if isinstance(c, dict) and isinstance(c.get("type"), str):
-            by_type[c["type"]] = c
+    by_type = _by_type(current)
     for c in wanted:
         old = by_type.get(c.type) or {}
         unchanged = (old.get("status"), old.get("reason")) == (c.status, c.reason) and old.get("lastTransitionTime")
@@ -108,7 +122,7 @@ def merge_conditions(
             "type": c.type,
             "status": c.status,
             "reason": c.reason,
-            "message": c.message,
+            "message": clip(c.message),
             "lastTransitionTime": old["lastTransitionTime"] if unchanged else now,
         }
         if generation is not None:
@@ -184,6 +198,9 @@ def compute(
 ) -> StatusChange:
     """The patch and Events that make `current` (the raw .status) show `verdict` on `instance`.
 
+    Total over any JSON `current`: a malformed part (conditions not a list, an entry not an
+    object, a type that is not a string) counts as absent and is overwritten.
+
     `generation` is the object's metadata.generation, or None where the CRD has no status
     subresource (every status write then bumps the generation, so it cannot be observed).
     """
@@ -194,12 +211,12 @@ def compute(
 
     if kind != VerdictKind.DELETING:
         wanted = cluster_conditions(verdict)
-        new["invalid"] = verdict.reason if kind in (VerdictKind.INVALID, VerdictKind.CONFLICT) else VALID_NO
+        new["invalid"] = clip(verdict.reason) if kind in (VerdictKind.INVALID, VerdictKind.CONFLICT) else VALID_NO
         new["serviceVIP"] = str(verdict.service_vip) if verdict.service_vip else ""
         if generation is not None:
             new["observedGeneration"] = generation
         new["conditions"] = merge_conditions(old.get("conditions"), wanted, now=now, generation=generation)
-        before = {c["type"]: c for c in old.get("conditions") or () if isinstance(c, dict) and "type" in c}
+        before = _by_type(old.get("conditions"))
         for c in wanted:
             was = before.get(c.type) or {}
             if (was.get("status"), was.get("reason")) == (c.status, c.reason):
@@ -212,15 +229,16 @@ def compute(
     mine_before = holders(old).get(instance)
     if kind == VerdictKind.CONFIGURED:
         configured = [str(e) for e in verdict.served]
+        message = clip(verdict.reason)
         unchanged = (
             mine_before is not None
             and mine_before.get("configured") == configured
-            and mine_before.get("message") == verdict.reason
+            and mine_before.get("message") == message
             and mine_before.get("lastSync")
         )
         entry = {
             "configured": configured,
-            "message": verdict.reason,
+            "message": message,
             "lastSync": mine_before["lastSync"] if unchanged and mine_before else now,
         }
         appliances = new.get("appliances")

@@ -7,8 +7,11 @@ current status (MappingCache) and writes the difference, if any:
 
 * status: a merge patch (`application/merge-patch+json`) of /status, or of the object itself
   where SmartNat's old CRD has no status subresource (found out from a 404 on /status while
-  the object exists, and remembered). 404: the object is gone. 409/422: looked at again on a
-  pass shortly after (`Timer`); any other failure too, with backoff.
+  the object exists, and remembered). 404: the object is gone. 409: looked at again on a
+  pass shortly after (`Timer`). Any other failure, transient (no answer, 429, 5xx) or not
+  (403, 422), is an outage: the rest of the batch waits, retried with capped backoff and
+  logged once; it would fail alike for every Mapping. A surprise (a bug) in one Mapping is
+  logged once and skipped, never the end of the daemon.
 * Events: on transitions only, posted after the patch recording them succeeded, so a restart
   (whose status already shows the state) or a second appliance (whose patch lost the
   resourceVersion race) posts none. Explicit names; an AlreadyExists is a duplicate.
@@ -123,6 +126,7 @@ class KubeWriteback:
         self._failed_now = False
         self._outage = False
         self._leases_seen: dict[str, LeaseState | None] = {}
+        self._broken: dict[ObjectKey, str] = {}  # Mappings whose write-back raised a surprise, logged once
 
     # --- the Writeback protocol --------------------------------------------------------
 
@@ -139,6 +143,10 @@ class KubeWriteback:
         self._failed_now = False
         self._leases_seen = {}
         semaphore = asyncio.Semaphore(CONCURRENCY)
+        if self._failing:
+            # Still failing since the last publish: one write finds out before all of them try.
+            await self._guarded(todo[0], now, semaphore)
+            todo = todo[1:]
         async with asyncio.TaskGroup() as tg:
             for verdict in todo:
                 tg.create_task(self._guarded(verdict, now, semaphore))
@@ -161,17 +169,26 @@ class KubeWriteback:
             except KubeApiError as err:
                 self._retry.add(verdict.key)
                 self._failed_now = True
-                if err.status in (409, 422):
+                if err.status == 409:
                     # Someone wrote in between (another appliance, a user): look again soon.
                     logger.debug("mapping %s: write-back conflict (%s); retrying", verdict.key, err)
                     return
-                if err.transient:
-                    self._outage = True
+                # Unreachable, or refused (403 without RBAC, 422): the same for the next Mapping.
+                self._outage = True
                 if not self._failing:
-                    logger.warning("status write-back failed for mapping %s: %s; retrying", verdict.key, err)
+                    hint = "" if err.transient else " (check etc/rbac.yaml and etc/crd/mappings.yaml are applied)"
+                    logger.warning("status write-back failed for mapping %s: %s; retrying with backoff%s",
+                                   verdict.key, err, hint)
                     self._failing = True
                 else:
                     logger.debug("status write-back still failing for mapping %s: %s", verdict.key, err)
+            except Exception as err:  # a bug or a status shape nobody foresaw: this Mapping only
+                text = f"{type(err).__name__}: {err}"
+                if self._broken.get(verdict.key) != text:
+                    self._broken[verdict.key] = text
+                    logger.warning("status write-back skipped mapping %s: %s", verdict.key, text, exc_info=True)
+            else:
+                self._broken.pop(verdict.key, None)
 
     # --- one Mapping -------------------------------------------------------------------
 

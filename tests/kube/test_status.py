@@ -3,6 +3,9 @@
 from ipaddress import IPv4Address
 from typing import Any
 
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
 from smartnatd.desired import ExternalEndpoint
 from smartnatd.kube import status
 from smartnatd.model import ObjectKey, Protocol
@@ -168,3 +171,36 @@ def test_unknown_fields_and_conditions_of_others_are_kept() -> None:
     st, _ = write(current, configured(A))
     assert [c['type'] for c in st['conditions']] == ['Ready', 'Invalid', 'Conflict', 'Audited']
     assert st['configuredAddresses']['192.0.2.10']['note'] == 'kept'
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=12)
+FIELDS = st.sampled_from(['conditions', 'appliances', 'configuredAddresses', 'invalid', 'observedGeneration', 'x'])
+VERDICTS = st.sampled_from([configured(A), configured(A, B), not_local(), waiting(),
+                            problem(VerdictKind.INVALID, 'bad'), problem(VerdictKind.DELETING, 'going')])
+
+
+@settings(max_examples=300, deadline=None)
+@example(current={'conditions': 5}, verdict=problem(VerdictKind.INVALID, 'bad'))
+@example(current={'conditions': [{'type': ['x']}]}, verdict=problem(VerdictKind.INVALID, 'bad'))
+@example(current={'appliances': {'ap1': 5}, 'configuredAddresses': [1]}, verdict=configured(A))
+@given(current=JSON | st.dictionaries(FIELDS, JSON | st.lists(st.dictionaries(st.sampled_from(['type', 'status']), JSON))),
+       verdict=VERDICTS)
+def test_compute_is_total_over_any_json_status(current: Any, verdict: Verdict) -> None:
+    change = status.compute(verdict=verdict, current=current, instance='ap1', now=T0, generation=3)
+    status.release(current=current, instances=['ap1', 'ap2'])
+    status.foreign_addresses(current)
+    if change.patch is not None and isinstance(current, dict):
+        # The result is well-formed, so computing again from it changes nothing.
+        again = status.compute(verdict=verdict, current=merge_patch(current, {**change.patch}), instance='ap1',
+                               now=T0, generation=3)
+        assert again.patch is None
+
+
+def test_long_reasons_are_clipped_below_the_crd_limit() -> None:
+    reason = 'spec.ports: ' + 'port 80/tcp is listed twice; ' * 1000
+    obj, change = write({}, problem(VerdictKind.INVALID, reason))
+    assert len(obj['invalid']) == status.MESSAGE_LIMIT and obj['invalid'].endswith('…')
+    assert all(len(c['message']) <= status.MESSAGE_LIMIT for c in obj['conditions'])
+    assert write(obj, problem(VerdictKind.INVALID, reason))[1].patch is None

@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from kubernetes_asyncio.client import ApiClient, Configuration
 
+from smartnatd.kube import status as status_mod
 from smartnatd.kube.client import KubeSource
 from smartnatd.kube.objects import FINALIZER
 from smartnatd.planner import Plan, plan
@@ -273,6 +275,69 @@ async def test_a_verdict_planned_from_an_older_generation_is_not_written(
     obj = current(kube_api)
     assert (obj['status']['observedGeneration'], obj['status']['invalid']) == (2, 'no')
     assert [e[1] for e in events(kube_api)] == ['Configured']
+
+
+async def test_a_refused_write_stops_the_batch_backs_off_and_is_logged_once(
+        kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture) -> None:
+    await kube_api.create_object(SERVICES, service_body())
+    await kube_api.create_object(ENDPOINTSLICES, slice_body())
+    for i in range(40):  # NotLocal on ap1: status only, no finalizer
+        await kube_api.create_object(MAPPINGS, mapping_body(f'm{i:02}', addresses=('203.0.113.5',), port=1000 + i))
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    refused = kube_api.fail_next(10_000, status=403, verb='patch', resource=MAPPINGS, subresource='status',
+                                 message='mappings.smartnat.aureacentral.com "m00" is forbidden')
+    caplog.set_level(logging.DEBUG, logger='smartnatd.kube.writeback')
+    await ap1.sync()
+    first = len(refused.hits)
+    assert 1 <= first <= 16  # the writes already in flight; the rest of the batch waits
+    assert ap1.writeback.timer.due_in is not None
+    for _ in range(3):
+        await ap1.sync()  # the timer's passes while it keeps failing: one write finds out
+    assert len(refused.hits) == first + 3
+    assert ap1.writeback._retry_delay == 4.0  # 0.5, 1, 2, 4: the next pass is backed off
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and 'check etc/rbac.yaml' in warnings[0]
+
+    refused.remaining = 0  # the Role is fixed
+    await ap1.sync()
+    assert all(current(kube_api, f'm{i:02}').get('status', {}).get('invalid') == 'no' for i in range(40))
+    assert 'status write-back works again' in caplog.text
+
+
+async def test_a_surprise_in_one_mapping_is_logged_once_and_the_others_are_written(
+        kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await echo_cluster(kube_api, name='echo')
+    await echo_cluster(kube_api, name='odd', addresses=('203.0.113.5',))
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    compute = status_mod.compute
+
+    def exploding(*, verdict: Any, **kw: Any) -> Any:  # a bug that only this Mapping's status hits
+        if verdict.key.name == 'odd':
+            raise RuntimeError('surprise')
+        return compute(verdict=verdict, **kw)
+
+    monkeypatch.setattr(status_mod, 'compute', exploding)
+    await ap1.sync()
+    assert current(kube_api)['status']['appliances'].keys() == {'ap1'}
+    assert 'status' not in current(kube_api, 'odd')
+    await kube_api.patch_object(MAPPINGS, 'odd', {'metadata': {'labels': {'touched': 'yes'}}}, namespace=NS)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    skipped = [r for r in caplog.records if 'skipped mapping demo/odd' in r.getMessage()]
+    assert len(skipped) == 1 and skipped[0].levelno == logging.WARNING and skipped[0].exc_info
+
+
+async def test_a_malformed_status_is_overwritten_not_fatal(kube_api: KubeEmulator, appliances: Any) -> None:
+    await echo_cluster(kube_api)
+    await kube_api.patch_object(MAPPINGS, 'echo', {'status': {'conditions': [{'type': ['Ready']}, 5]}},
+                                namespace=NS, subresource='status')
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    assert [c['type'] for c in current(kube_api)['status']['conditions']] == ['Ready', 'Invalid', 'Conflict']
 
 
 async def test_a_verdict_for_a_deleted_and_recreated_namesake_is_not_written(
