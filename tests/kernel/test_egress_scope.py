@@ -31,6 +31,7 @@ from tests.builders import mapping
 from tests.kernel.harness import (
     EchoServer,
     NetnsFactory,
+    NoReply,
     Topology,
     echo_server,
     expect_no_reply,
@@ -154,3 +155,20 @@ async def test_replies_follow_the_ingress_interface_unless_egress_snat_is_on_and
         await asyncio.to_thread(tcp_request, topology.client, dst="192.0.2.10", port=80, src=topology.allowed_client)
     )
     assert reply.name == "pod1"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=NoReply,
+    reason="nft/render.py copies the egress mark onto the corp host's replies (they arrive on a "
+    "non-external interface), and with the pods reached only by the main default route the "
+    "marked reply is sent out of ext1; needs a direction-aware mark copy in render.py",
+)
+async def test_internal_peer_reply_reaches_a_pod_the_main_table_reaches_by_its_default_route(
+    topology, echo_servers, appliance, corp, corp_servers
+):
+    # The plain IP plan: the pods are behind the main default route (into the cluster).
+    sh(topology.appliance, "ip", "route", "del", "10.244.0.0/16")
+    await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice((POD1,))], settings=SNAT)
+    reply = await asyncio.to_thread(pod1_request, topology, "udp", CORP_HOST)
+    assert reply.peer == IPv4Address(POD1)

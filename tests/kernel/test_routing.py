@@ -311,3 +311,84 @@ async def test_marked_packet_leaves_by_its_interfaces_table(box: Box, edge: Rout
     await poll(lambda: ping(box.appliance, far, mark=box.p2.mark), timeout=10, what=f"a marked ping to reach {far}")
     assert not ping(box.appliance, far), "an unmarked packet must still use the main table"
     assert not ping(box.appliance, far, mark=box.p1.mark), "e1's mark must use e1's table (no such host there)"
+
+
+MAIN_FIRST = f"{PRIORITY - 1}:\tnot from all fwmark 0/{MARK_MASK:#x} lookup main suppress_prefixlength 0 proto {ROUTE_PROTO}"
+
+
+async def test_specific_routes_first_owns_one_main_rule_before_the_fwmark_rules(box: Box, edge: RoutingEdge) -> None:
+    app = box.appliance
+
+    report = await edge.apply([box.p1, box.p2], specific_routes_first=True)
+
+    assert report == RoutingReport(added=7)  # the main rule, 2 fwmark rules, 4 routes
+    assert added_rules(app) == sorted([MAIN_FIRST, expected_rule(box.p1), expected_rule(box.p2)])
+    assert await edge.apply([box.p2, box.p1], specific_routes_first=True) == RoutingReport()
+    # Turned off, it goes; no paths, no rule either.
+    assert await edge.apply([box.p1, box.p2]) == RoutingReport(deleted=1)
+    assert MAIN_FIRST not in rules(app)
+    assert await edge.apply([box.p1, box.p2], specific_routes_first=True) == RoutingReport(added=1)
+    assert await edge.apply([], specific_routes_first=True) == RoutingReport(deleted=7)
+    assert added_rules(app) == []
+
+
+async def test_main_rule_drift_is_repaired_and_foreign_main_rules_survive(box: Box, edge: RoutingEdge) -> None:
+    app, before = box.appliance, str(PRIORITY - 1)
+    foreign_rules = [
+        ("priority", before, "lookup", "main", "suppress_prefixlength", "0"),  # no fwmark: wg-quick's shape
+        ("priority", before, "not", "fwmark", "0/0xff", "lookup", "main", "suppress_prefixlength", "0"),
+        ("priority", before, "not", "fwmark", f"0/{MARK_MASK:#x}", "lookup", "100", "suppress_prefixlength", "0"),
+    ]
+    for rule in foreign_rules:
+        sh("ip", "-n", app, "rule", "add", *rule)
+    foreign_rule_lines = added_rules(app)
+    await edge.apply([box.p1, box.p2], specific_routes_first=True)
+    # Ours by its selector (priority, fwmark 0/MARK_MASK, main), but with another prefix length.
+    sh("ip", "-n", app, "rule", "del", "priority", before, "not", "fwmark", f"0/{MARK_MASK:#x}", "lookup", "main")
+    sh("ip", "-n", app, "rule", "add", "priority", before, "not", "fwmark", f"0/{MARK_MASK:#x}", "lookup", "main",
+       "suppress_prefixlength", "8")
+
+    report = await edge.apply([box.p1, box.p2], specific_routes_first=True)
+
+    assert report == RoutingReport(replaced=1)
+    assert [line for line in rules(app) if "lookup main suppress_prefixlength 8" in line] == []
+    assert MAIN_FIRST in rules(app)
+    assert await edge.cleanup() == RoutingReport(deleted=7)
+    assert added_rules(app) == foreign_rule_lines
+
+
+async def test_rule_priority_1_puts_the_main_rule_right_after_the_local_rule(box: Box) -> None:
+    app = box.appliance
+    async with RoutingEdge(netns=app, table_base=TABLE_BASE, rule_priority=1) as edge:
+        assert await edge.apply([box.p1], specific_routes_first=True) == RoutingReport(added=4)
+        assert rules(app)[:3] == [
+            "0:\tfrom all lookup local",
+            f"0:\tnot from all fwmark 0/{MARK_MASK:#x} lookup main suppress_prefixlength 0 proto {ROUTE_PROTO}",
+            f"1:\tfrom all fwmark {box.p1.mark:#x}/{MARK_MASK:#x} lookup {box.p1.table} proto {ROUTE_PROTO}",
+        ]
+        # The kernel dumps priority 0 without its attribute: it is still found as owned.
+        assert await edge.apply([box.p1], specific_routes_first=True) == RoutingReport()
+        assert await edge.cleanup() == RoutingReport(deleted=4)
+        assert rules(app) == ["0:\tfrom all lookup local", "32766:\tfrom all lookup main", "32767:\tfrom all lookup default"]
+
+
+async def test_marked_packet_takes_a_specific_main_route_but_not_the_main_default(box: Box, edge: RoutingEdge) -> None:
+    app, far, near = box.appliance, "203.0.113.5", "198.51.100.1"
+    # A main default route that leads nowhere (nobody has 192.0.2.1): only the owned tables work.
+    sh("ip", "-n", app, "route", "add", "default", "via", "192.0.2.1", "dev", "e1")
+
+    await edge.apply([box.p1, box.p2])
+    # Without the main rule e1's mark sends even e2's connected network to e1's gateway.
+    lookup = sh("ip", "-n", app, "route", "get", near, "mark", str(box.p1.mark))
+    assert f"via 192.0.2.1 dev e1 table {box.p1.table}" in lookup, lookup
+
+    await edge.apply([box.p1, box.p2], specific_routes_first=True)
+    # The specific (connected) main route wins over e1's table...
+    lookup = sh("ip", "-n", app, "route", "get", near, "mark", str(box.p1.mark))
+    assert "dev e2" in lookup and "table" not in lookup, lookup
+    await poll(lambda: ping(app, near, mark=box.p1.mark), timeout=10, what=f"an e1-marked ping to reach {near}")
+    # ...while the main default route is still overridden by the mark's table.
+    lookup = sh("ip", "-n", app, "route", "get", far, "mark", str(box.p2.mark))
+    assert f"via {box.p2.gateway} dev e2 table {box.p2.table}" in lookup, lookup
+    await poll(lambda: ping(app, far, mark=box.p2.mark), timeout=10, what=f"an e2-marked ping to reach {far}")
+    assert not ping(app, far), "an unmarked packet still takes the main default route"
