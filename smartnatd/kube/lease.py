@@ -80,7 +80,12 @@ class Leases:
         return lease_name(self._instance)
 
     async def renew(self) -> None:
-        """Create the Lease once, then move renewTime forward. Raises KubeApiError."""
+        """Create the Lease once, then move renewTime forward. Raises KubeApiError.
+
+        Each request may take a third of the duration: a slow answer must not outlast the
+        Lease, and leaves time for retries before the others count this appliance as dead.
+        """
+        timeout = self._duration / 3
         now = micro_time(self._wall())
         spec = {"holderIdentity": self._instance, "leaseDurationSeconds": self._duration, "renewTime": now}
         if not self._created:
@@ -92,7 +97,7 @@ class Leases:
                 "spec": {**spec, "acquireTime": now},
             }
             try:
-                await call(self._api.create_namespaced_lease, self._namespace, body)
+                await call(self._api.create_namespaced_lease, self._namespace, body, timeout=timeout)
                 self._created = True
                 logger.info("lease %s/%s created duration=%ds", self._namespace, self.name, self._duration)
                 return
@@ -102,7 +107,7 @@ class Leases:
             self._created = True
         try:
             await call(self._api.patch_namespaced_lease, self.name, self._namespace, {"spec": spec},
-                       _content_type=MERGE_PATCH)
+                       _content_type=MERGE_PATCH, timeout=timeout)
         except KubeApiError as err:
             if err.status == 404:  # deleted by someone: create it again next time
                 self._created = False

@@ -204,6 +204,7 @@ class FailureRule:
     predicate: Callable[[RecordedRequest], bool] | None = None
     message: str | None = None
     in_stream: bool | None = None  # watches: an ERROR event (None: only for 410) or an HTTP status
+    stall: float = 0.0  # seconds to wait before answering (a slow API server)
     hits: list[RecordedRequest] = dataclasses.field(default_factory=list)
 
     def matches(self, rec: RecordedRequest) -> bool:
@@ -665,6 +666,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         predicate: Callable[[RecordedRequest], bool] | None = None,
         message: str | None = None,
         in_stream: bool | None = None,
+        stall: float = 0.0,
     ) -> FailureRule:
         """
         The next `count` requests matching all given criteria fail with `status`; state is
@@ -672,13 +674,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         sends it); other statuses are HTTP statuses. `in_stream=True` sends any status as an
         ERROR event in a 200 watch stream, `in_stream=False` even a 410 as an HTTP status (as
         an apiserver does when the watch request itself names a too old resourceVersion).
-        `subresource=None` means the main object.
+        `stall` waits that many seconds first; with `status=0` the request is then served
+        normally (a slow API server). `subresource=None` means the main object.
         """
         rule = FailureRule(
             status=status, remaining=count, verb=verb, method=method,
             resource=None if resource is None else self.spec(resource),
             namespace=namespace, name=name, subresource=subresource,
-            predicate=predicate, message=message, in_stream=in_stream,
+            predicate=predicate, message=message, in_stream=in_stream, stall=stall,
         )
         self._failures.append(rule)
         return rule
@@ -921,6 +924,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if rule.matches(rec):
                 rule.remaining -= 1
                 rule.hits.append(rec)
+                if rule.stall:
+                    await asyncio.sleep(rule.stall)
+                if not rule.status:
+                    return None
                 body = status_body(rule.status, rule.message or f'injected failure {rule.status}')
                 in_stream = rule.status == 410 if rule.in_stream is None else rule.in_stream
                 if rec.verb == 'watch' and in_stream:

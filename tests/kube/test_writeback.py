@@ -18,10 +18,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client import ApiClient, Configuration, CoordinationV1Api
 
+from smartnatd.errors import KubeApiError
 from smartnatd.kube import status as status_mod
 from smartnatd.kube.client import KubeSource
+from smartnatd.kube.lease import Leases
 from smartnatd.kube.objects import FINALIZER
 from smartnatd.planner import Plan, plan
 from smartnatd.settings import Settings
@@ -574,6 +576,16 @@ async def test_the_lease_is_created_then_renewed_by_merge_patch(kube_api: KubeEm
     assert created.namespace == 'smartnat-system'
     assert renewed.content_type == MERGE_PATCH and set(renewed.body['spec']) == {
         'holderIdentity', 'leaseDurationSeconds', 'renewTime'}
+
+
+async def test_a_lease_renewal_gives_up_after_a_third_of_the_duration(kube_api: KubeEmulator) -> None:
+    async with ApiClient(Configuration(host=kube_api.url)) as client:
+        leases = Leases(api=CoordinationV1Api(client), namespace='smartnat-system', instance='ap9', duration=3)
+        await leases.renew()  # created
+        kube_api.fail_next(1, status=0, verb='patch', resource=LEASES, stall=5.0)  # then served, too late
+        with pytest.raises(KubeApiError) as raised:
+            await leases.renew()  # the default request timeout (30 s) would wait the stall out
+        assert raised.value.status == 0  # no answer in time (1 s): retried, not a 5 s stall per try
 
 
 # --- SmartNat's old CRD ----------------------------------------------------------------
