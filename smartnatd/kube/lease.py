@@ -74,6 +74,10 @@ class Leases:
         self._sleep = sleep
         self._created = False
         self._failing = False
+        # Renewals carry the resourceVersion of our last write: a 409 means someone else wrote.
+        self._version: str | None = None
+        self._sent: set[str] = set()  # renewTimes sent since the last answered write (one may have landed)
+        self.duplicate = False  # another process renews this Lease: two appliances share the name
 
     @property
     def name(self) -> str:
@@ -97,21 +101,54 @@ class Leases:
                 "spec": {**spec, "acquireTime": now},
             }
             try:
-                await call(self._api.create_namespaced_lease, self._namespace, body, timeout=timeout)
+                created = await call(self._api.create_namespaced_lease, self._namespace, body, timeout=timeout)
                 self._created = True
+                self._confirmed(created, now)
                 logger.info("lease %s/%s created duration=%ds", self._namespace, self.name, self._duration)
                 return
             except KubeApiError as err:
                 if err.status != 409:  # 409: it exists from an earlier run; renew it below
                     raise
             self._created = True
-        try:
-            await call(self._api.patch_namespaced_lease, self.name, self._namespace, {"spec": spec},
-                       _content_type=MERGE_PATCH, timeout=timeout)
-        except KubeApiError as err:
-            if err.status == 404:  # deleted by someone: create it again next time
-                self._created = False
-            raise
+        for attempt in range(2):
+            patch: dict[str, object] = {"spec": spec}
+            if self._version:
+                patch["metadata"] = {"resourceVersion": self._version}
+            self._sent.add(now)
+            try:
+                renewed = await call(self._api.patch_namespaced_lease, self.name, self._namespace, patch,
+                                     _content_type=MERGE_PATCH, timeout=timeout)
+            except KubeApiError as err:
+                if err.status == 404:  # deleted by someone: create it again next time
+                    self._created = False
+                    self._version = None
+                elif err.status == 409 and not attempt:
+                    await self._written_by_someone_else(timeout)
+                    continue
+                raise
+            self._confirmed(renewed, now)
+            return
+
+    def _confirmed(self, lease: object, sent: str) -> None:
+        meta = lease.get("metadata") if isinstance(lease, dict) else None
+        version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+        self._version = str(version) if version else None
+        self._sent = {sent}
+
+    async def _written_by_someone_else(self, timeout: float) -> None:
+        """A renewal met a Lease changed since our last write: by us (a lost answer) or another process."""
+        lease = await call(self._api.read_namespaced_lease, self.name, self._namespace, timeout=timeout)
+        spec = (lease or {}).get("spec") or {}
+        renewed = spec.get("renewTime")
+        if renewed not in self._sent and not self.duplicate:
+            self.duplicate = True
+            logger.error(
+                "lease %s/%s was renewed by another process (renewTime %s, holderIdentity %s): two appliances "
+                "run with SNCTRLR_INSTANCE_NAME=%s and overwrite each other's status entries; give each its own name",
+                self._namespace, self.name, renewed, spec.get("holderIdentity"), self._instance,
+            )
+        self._version = str(((lease or {}).get("metadata") or {}).get("resourceVersion") or "") or None
+        self._sent = set()
 
     async def run(self) -> None:
         """Renew every duration/3 for ever; after a failure retry sooner, logging start and end."""

@@ -586,6 +586,25 @@ async def test_a_lease_renewal_gives_up_after_a_third_of_the_duration(kube_api: 
         with pytest.raises(KubeApiError) as raised:
             await leases.renew()  # the default request timeout (30 s) would wait the stall out
         assert raised.value.status == 0  # no answer in time (1 s): retried, not a 5 s stall per try
+        await leases.renew()
+        assert not leases.duplicate
+
+
+async def test_two_appliances_with_one_instance_name_are_reported_once(
+        kube_api: KubeEmulator, caplog: pytest.LogCaptureFixture) -> None:
+    async with ApiClient(Configuration(host=kube_api.url)) as client:
+        ours = Leases(api=CoordinationV1Api(client), namespace='smartnat-system', instance='ap1', duration=15)
+        twin = Leases(api=CoordinationV1Api(client), namespace='smartnat-system', instance='ap1', duration=15)
+        await ours.renew()
+        await ours.renew()
+        assert not ours.duplicate  # our own renewals are no sign of a twin
+        await twin.renew()  # the Lease exists: renewed without a precondition
+        await ours.renew()
+        await twin.renew()
+        await ours.renew()
+    assert ours.duplicate and twin.duplicate
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and all('two appliances run with SNCTRLR_INSTANCE_NAME=ap1' in e for e in errors)
 
 
 # --- SmartNat's old CRD ----------------------------------------------------------------
