@@ -16,6 +16,10 @@ from smartnatd.model import MappingKey, Protocol
 MARK_SHIFT = 16
 MARK_MASK = 0x0FFF0000
 MAX_MARKED_IFINDEX = MARK_MASK >> MARK_SHIFT
+# On the packets of a pod's own connection (egress), beside its interface's mark: policy routing
+# lets a specific main-table route win for those, while replies to clients keep strictly to the
+# interface they came in on.
+EGRESS_MARK = 0x10000000
 
 
 def interface_mark(ifindex: int) -> int:

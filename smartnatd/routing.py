@@ -6,16 +6,17 @@ MARK_MASK) is the interface's mark to that table. Replies to connections that ca
 secondary interface, and pod egress SNATed to its addresses, then use the right gateway.
 
 With `specific_routes_first` (the dataplane sets it while any pod egress is marked) one more
-rule, at `rule_priority - 1`, sends every packet carrying a mark under MARK_MASK to the main
-table first with `suppress_prefixlength 0`: a specific main-table route (a connected network,
-an internal network behind the box) wins, only the main default route is overridden by the
-interface's table. Without it a marked pod connection to an internal network would be forced
-out of the external interface.
+rule, at `rule_priority - 1`, sends the packets of pods' own connections (EGRESS_MARK, set by
+the ruleset beside the interface's mark) to the main table first with `suppress_prefixlength
+0`: a specific main-table route (a connected network, an internal network behind the box)
+wins, only the main default route is overridden by the interface's table. Without it a marked
+pod connection to an internal network would be forced out of the external interface. Replies
+to clients do not carry EGRESS_MARK: they keep strictly to the interface they came in on.
 
 What smartnatd owns, and therefore may change or delete:
 - routes whose protocol is ROUTE_PROTO, in tables [table_base, table_base + TABLE_SPAN);
 - rules at `rule_priority` whose fwmark lies inside MARK_MASK and whose table is in that range;
-- rules at `rule_priority - 1` with fwmark 0/MARK_MASK looking up the main table.
+- rules at `rule_priority - 1` with fwmark EGRESS_MARK/EGRESS_MARK looking up the main table.
 Everything else (the main table, other protocols, other priorities) is never touched, with one
 exception: a route sitting in exactly the slot (table, destination) that a desired route needs
 in an owned table is overwritten, since that table id is configured as smartnatd's.
@@ -36,7 +37,7 @@ from typing import Any, Self
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from smartnatd.desired import MARK_MASK, MARK_SHIFT, ReturnPath
+from smartnatd.desired import EGRESS_MARK, MARK_MASK, MARK_SHIFT, ReturnPath
 from smartnatd.errors import NetlinkApplyError
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class RoutingEdge:
         # Priority 0 (when rule_priority is 1) still comes after the local table's rule: the
         # kernel appends a rule after those of equal priority.
         self._main_first_rule = _Rule(
-            priority=rule_priority - 1, mark=0, mask=MARK_MASK, table=_RT_TABLE_MAIN, invert=True, suppress_prefixlen=0
+            priority=rule_priority - 1, mark=EGRESS_MARK, mask=EGRESS_MARK, table=_RT_TABLE_MAIN, suppress_prefixlen=0
         )
         self._ipr: AsyncIPRoute | None = None
 
@@ -393,7 +394,7 @@ class RoutingEdge:
                     if mark is None or mark & ~MARK_MASK or table not in self.tables:
                         continue
                 elif priority == self._main_first_rule.priority:
-                    # Ours by its selector; the kernel leaves a zero mark out of the dump.
+                    # Ours by its selector.
                     main_first = self._main_first_rule
                     if (
                         (mark or 0) != main_first.mark

@@ -22,7 +22,7 @@ from itertools import compress, count
 from socket import inet_ntoa
 from typing import Any
 
-from smartnatd.desired import MARK_MASK, DesiredState, Dnat, EgressSnat, Target, allows_anyone
+from smartnatd.desired import EGRESS_MARK, MARK_MASK, DesiredState, Dnat, EgressSnat, Target, allows_anyone
 from smartnatd.nft import names as n
 
 L4 = "meta l4proto { tcp, udp, sctp }"
@@ -277,8 +277,14 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
     prerouting += [
         f"ct state new iifname != @{n.EXTERNAL_INTERFACES} ct mark set ip saddr map @{n.EGRESS_MARKS}",
         # Copy the mark to the packet only from the cluster side: original-direction packets
-        # from clients must route normally, replies and egress by the interface's own table.
-        f"iifname != @{n.EXTERNAL_INTERFACES} ct mark & {mask} != 0 meta mark set ct mark & {mask}",
+        # from clients must route normally. Replies to clients leave by their interface's
+        # table; a pod's own connection (egress) carries EGRESS_MARK as well, so a specific
+        # main-table route (an internal network) wins over that table. A reply that an
+        # internal peer sends a pod is neither and routes normally.
+        f"ct direction reply ct status dnat iifname != @{n.EXTERNAL_INTERFACES} ct mark & {mask} != 0 "
+        f"meta mark set ct mark & {mask}",
+        f"ct direction original iifname != @{n.EXTERNAL_INTERFACES} ct mark & {mask} != 0 "
+        f"meta mark set ct mark & {mask} | 0x{EGRESS_MARK:08x}",
     ]
     postrouting = []
     if desired.masquerade:

@@ -13,9 +13,10 @@ IP plan: the one of tests/kernel/conftest.py, plus
   main: 10.244.0.0/16 via 10.10.0.1       (the pod network, routed specifically: see below)
 
 int0 is not an external interface. The appliance routes the pod network specifically, as a box
-that routes a cluster's pod CIDR does: the corp host's replies to a pod arrive from the cluster
-side's point of view on a non-external interface, get the egress mark copied to the packet,
-and must still find the pods through the main table (see docs/architecture.md, Policy routing).
+that routes a cluster's pod CIDR does; one test removes that route, so the pods are behind the
+main default route as in the plain plan. The corp host's replies to a pod arrive on a
+non-external interface and carry no mark (only replies to clients and a pod's own packets do),
+so they find the pods through the main table either way (docs/architecture.md, Policy routing).
 """
 
 from __future__ import annotations
@@ -31,10 +32,8 @@ from tests.builders import mapping
 from tests.kernel.harness import (
     EchoServer,
     NetnsFactory,
-    NoReply,
     Topology,
     echo_server,
-    expect_no_reply,
     ip_batch,
     parse_echo_reply,
     sh,
@@ -124,18 +123,15 @@ async def test_backend_pod_egress_to_the_outside_still_leaves_by_ext1_with_the_m
         assert (await asyncio.to_thread(pod1_request, topology, "tcp", CORP_HOST)).peer == IPv4Address(POD1)
 
 
-async def test_replies_follow_the_ingress_interface_unless_egress_snat_is_on_and_main_routes_the_client(
+async def test_replies_follow_the_ingress_interface_even_where_main_routes_the_client(
     topology, echo_servers, appliance
 ):
-    """The documented consequence of the main-table-first rule for client replies.
+    """The main-table-first rule is for pods' own connections only (EGRESS_MARK).
 
     198.51.100.1 (the client's address on ext2's network) connects to 192.0.2.10 through ext1.
-    The main table routes 198.51.100.0/24 specifically (connected on ext2). Without egress SNAT
-    the reply leaves by ext1, the way the connection came in. With egress SNAT, smartnatd's
-    `lookup main suppress_prefixlength 0` rule lets the specific route win for every marked
-    packet, replies included: the reply leaves by ext2, and the client's strict rp_filter drops
-    a packet from 192.0.2.10 arriving on c2. Replies to clients reached by the main table's
-    default route (all other tests) are unaffected either way.
+    The main table routes 198.51.100.0/24 specifically (connected on ext2). The reply leaves by
+    ext1, the way the connection came in, with egress SNAT off and on: replies to clients carry
+    the interface's mark alone, and the client's strict rp_filter would drop one on c2.
     """
     direct = mapping("web", mode="direct")
     via_ext1 = topology.ext2_gateway  # 198.51.100.1, sent out of c1 since 192.0.2.0/24 is there
@@ -147,9 +143,10 @@ async def test_replies_follow_the_ingress_interface_unless_egress_snat_is_on_and
     assert reply.name == "pod1"
 
     await appliance.apply(direct, services=[web()], slices=[web_slice((POD1,))], settings=SNAT)
-    assert await asyncio.to_thread(
-        expect_no_reply, tcp_request, topology.client, dst="192.0.2.10", port=80, src=via_ext1, timeout=0.5
+    reply = parse_echo_reply(
+        await asyncio.to_thread(tcp_request, topology.client, dst="192.0.2.10", port=80, src=via_ext1)
     )
+    assert reply.name == "pod1"
     # A client the main table reaches only by its default route keeps its symmetric return path.
     reply = parse_echo_reply(
         await asyncio.to_thread(tcp_request, topology.client, dst="192.0.2.10", port=80, src=topology.allowed_client)
@@ -157,13 +154,6 @@ async def test_replies_follow_the_ingress_interface_unless_egress_snat_is_on_and
     assert reply.name == "pod1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NoReply,
-    reason="nft/render.py copies the egress mark onto the corp host's replies (they arrive on a "
-    "non-external interface), and with the pods reached only by the main default route the "
-    "marked reply is sent out of ext1; needs a direction-aware mark copy in render.py",
-)
 async def test_internal_peer_reply_reaches_a_pod_the_main_table_reaches_by_its_default_route(
     topology, echo_servers, appliance, corp, corp_servers
 ):

@@ -25,7 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from smartnatd.desired import MARK_MASK, ReturnPath, interface_mark
+from smartnatd.desired import EGRESS_MARK, MARK_MASK, ReturnPath, interface_mark
 from smartnatd.errors import NetlinkApplyError
 from smartnatd.routing import ROUTE_PROTO, TABLE_SPAN, RoutingEdge, RoutingReport
 
@@ -313,7 +313,10 @@ async def test_marked_packet_leaves_by_its_interfaces_table(box: Box, edge: Rout
     assert not ping(box.appliance, far, mark=box.p1.mark), "e1's mark must use e1's table (no such host there)"
 
 
-MAIN_FIRST = f"{PRIORITY - 1}:\tnot from all fwmark 0/{MARK_MASK:#x} lookup main suppress_prefixlength 0 proto {ROUTE_PROTO}"
+MAIN_FIRST = (
+    f"{PRIORITY - 1}:\tfrom all fwmark {EGRESS_MARK:#x}/{EGRESS_MARK:#x} lookup main suppress_prefixlength 0 "
+    f"proto {ROUTE_PROTO}"
+)
 
 
 async def test_specific_routes_first_owns_one_main_rule_before_the_fwmark_rules(box: Box, edge: RoutingEdge) -> None:
@@ -343,9 +346,10 @@ async def test_main_rule_drift_is_repaired_and_foreign_main_rules_survive(box: B
         sh("ip", "-n", app, "rule", "add", *rule)
     foreign_rule_lines = added_rules(app)
     await edge.apply([box.p1, box.p2], specific_routes_first=True)
-    # Ours by its selector (priority, fwmark 0/MARK_MASK, main), but with another prefix length.
-    sh("ip", "-n", app, "rule", "del", "priority", before, "not", "fwmark", f"0/{MARK_MASK:#x}", "lookup", "main")
-    sh("ip", "-n", app, "rule", "add", "priority", before, "not", "fwmark", f"0/{MARK_MASK:#x}", "lookup", "main",
+    # Ours by its selector (priority, fwmark EGRESS_MARK/EGRESS_MARK, main), but with another prefix length.
+    egress = f"{EGRESS_MARK:#x}/{EGRESS_MARK:#x}"
+    sh("ip", "-n", app, "rule", "del", "priority", before, "fwmark", egress, "lookup", "main")
+    sh("ip", "-n", app, "rule", "add", "priority", before, "fwmark", egress, "lookup", "main",
        "suppress_prefixlength", "8")
 
     report = await edge.apply([box.p1, box.p2], specific_routes_first=True)
@@ -363,7 +367,7 @@ async def test_rule_priority_1_puts_the_main_rule_right_after_the_local_rule(box
         assert await edge.apply([box.p1], specific_routes_first=True) == RoutingReport(added=4)
         assert rules(app)[:3] == [
             "0:\tfrom all lookup local",
-            f"0:\tnot from all fwmark 0/{MARK_MASK:#x} lookup main suppress_prefixlength 0 proto {ROUTE_PROTO}",
+            f"0:\tfrom all fwmark {EGRESS_MARK:#x}/{EGRESS_MARK:#x} lookup main suppress_prefixlength 0 proto {ROUTE_PROTO}",
             f"1:\tfrom all fwmark {box.p1.mark:#x}/{MARK_MASK:#x} lookup {box.p1.table} proto {ROUTE_PROTO}",
         ]
         # The kernel dumps priority 0 without its attribute: it is still found as owned.
@@ -383,12 +387,16 @@ async def test_marked_packet_takes_a_specific_main_route_but_not_the_main_defaul
     assert f"via 192.0.2.1 dev e1 table {box.p1.table}" in lookup, lookup
 
     await edge.apply([box.p1, box.p2], specific_routes_first=True)
-    # The specific (connected) main route wins over e1's table...
-    lookup = sh("ip", "-n", app, "route", "get", near, "mark", str(box.p1.mark))
+    # For a pod's own connection (EGRESS_MARK too) the specific (connected) main route wins...
+    egress_p1, egress_p2 = box.p1.mark | EGRESS_MARK, box.p2.mark | EGRESS_MARK
+    lookup = sh("ip", "-n", app, "route", "get", near, "mark", str(egress_p1))
     assert "dev e2" in lookup and "table" not in lookup, lookup
-    await poll(lambda: ping(app, near, mark=box.p1.mark), timeout=10, what=f"an e1-marked ping to reach {near}")
-    # ...while the main default route is still overridden by the mark's table.
-    lookup = sh("ip", "-n", app, "route", "get", far, "mark", str(box.p2.mark))
+    await poll(lambda: ping(app, near, mark=egress_p1), timeout=10, what=f"an e1 egress ping to reach {near}")
+    # ...a reply to a client (the interface's mark alone) keeps to its interface's table...
+    lookup = sh("ip", "-n", app, "route", "get", near, "mark", str(box.p1.mark))
+    assert f"via 192.0.2.1 dev e1 table {box.p1.table}" in lookup, lookup
+    # ...and the main default route is still overridden by the mark's table.
+    lookup = sh("ip", "-n", app, "route", "get", far, "mark", str(egress_p2))
     assert f"via {box.p2.gateway} dev e2 table {box.p2.table}" in lookup, lookup
-    await poll(lambda: ping(app, far, mark=box.p2.mark), timeout=10, what=f"an e2-marked ping to reach {far}")
+    await poll(lambda: ping(app, far, mark=egress_p2), timeout=10, what=f"an e2 egress ping to reach {far}")
     assert not ping(app, far), "an unmarked packet still takes the main default route"
