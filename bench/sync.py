@@ -257,17 +257,17 @@ class Probe:
         routing, conntrack = dataplane._routing, dataplane._conntrack
         routing_apply, conntrack_delete = routing.apply, conntrack.delete
 
-        async def timed_routing(paths: Any) -> Any:
+        async def timed_routing(paths: Any, **options: Any) -> Any:
             started = time.perf_counter()
             try:
-                return await routing_apply(paths)
+                return await routing_apply(paths, **options)
             finally:
                 self.routing_s = time.perf_counter() - started
 
-        async def timed_conntrack(filters: Any) -> Any:
+        async def timed_conntrack(filters: Any, **options: Any) -> Any:
             started = time.perf_counter()
             try:
-                return await conntrack_delete(filters)
+                return await conntrack_delete(filters, **options)
             finally:
                 self.conntrack_s = time.perf_counter() - started
 
