@@ -144,7 +144,7 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
             filters.append(
                 FlowFilter(
                     external=external,
-                    keep_targets=frozenset(now.targets),
+                    keep_targets=_kept_targets(now),
                     keep_sources=None,
                     check_targets=not now.virtual_target,
                     lost_targets=frozenset(),
@@ -154,7 +154,8 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
             # A mode switch changes what the reply source means: a target change whatever the
             # addresses. Towards a real target the usual check keeps flows already reaching one.
             switched = was.virtual_target != now.virtual_target
-            lost = switched or not set(was.targets) <= set(now.targets)
+            kept_before, kept_now = _kept_targets(was), _kept_targets(now)
+            lost = switched or not kept_before <= kept_now
             shrank = _sources_shrank(before=was.allowed_sources, after=now.allowed_sources)
             if old_marks.get(was.interface) != new_marks.get(now.interface):
                 # The address moved to another interface, or its interface came back with a new
@@ -167,20 +168,25 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
                 filters.append(
                     FlowFilter(
                         external=external,
-                        keep_targets=frozenset(now.targets),
+                        keep_targets=kept_now,
                         keep_sources=_kept_sources(now) if shrank else None,
                         check_targets=not now.virtual_target,
                         # After a switch from a virtual target the old flows' pods are unknown.
-                        lost_targets=None if switched else frozenset(was.targets) - frozenset(now.targets),
+                        lost_targets=None if switched else kept_before - kept_now,
                     )
                 )
     return tuple(filters)
 
 
+def _kept_targets(dnat: Dnat) -> frozenset[Target]:
+    """Targets whose flows may go on: the current ones and those draining (terminating pods)."""
+    return frozenset(dnat.targets) | frozenset(dnat.draining) if dnat.draining else frozenset(dnat.targets)
+
+
 def _keep_only(dnat: Dnat) -> FlowFilter:
     return FlowFilter(
         external=dnat.external,
-        keep_targets=frozenset(dnat.targets),
+        keep_targets=_kept_targets(dnat),
         keep_sources=_kept_sources(dnat),
         check_targets=not dnat.virtual_target,
     )

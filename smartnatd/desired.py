@@ -59,6 +59,9 @@ class Dnat:
     # True when `targets` is a Service's virtual IP that another NAT layer (kube-proxy in IPVS
     # mode) translates again: the reply source conntrack shows is then a pod, not a target.
     virtual_target: bool = False
+    # Terminating pods that still serve, while others are ready: they get no new connections,
+    # but their open ones are left to finish (never in `targets`; sorted).
+    draining: tuple[Target, ...] = ()
 
     @property
     def allows_anyone(self) -> bool:

@@ -100,6 +100,9 @@ class EndpointPort:
 class Endpoint:
     addresses: tuple[IPv4Address, ...]
     ready: bool
+    # Terminating but still serving (conditions serving=true, terminating=true): no new
+    # connections while another endpoint is ready, but its open connections drain.
+    draining: bool = False
 
 
 @dataclass(frozen=True)

@@ -213,9 +213,14 @@ def _ready_ips(slices: Iterable[EndpointSlice]) -> tuple[IPv4Address, ...]:
     return tuple(map(ready.__getitem__, sorted(ready)))
 
 
-def _endpoint_targets(slices: Iterable[EndpointSlice], sp: ServicePort) -> tuple[Target, ...]:
-    """Ready endpoints for one Service port, its targetPort resolved through the slices' ports."""
+def _endpoint_targets(
+    slices: Iterable[EndpointSlice], sp: ServicePort
+) -> tuple[tuple[Target, ...], tuple[Target, ...]]:
+    """(targets, draining) for one Service port, its targetPort resolved through the slices'
+    ports. Targets are the ready endpoints; as kube-proxy does, the terminating ones that still
+    serve take their place when none is ready, and otherwise only drain."""
     targets: dict[tuple[int, int], Target] = {}
+    draining: dict[tuple[int, int], Target] = {}
     for s in slices:
         port: int | None = None
         for ep in s.ports:
@@ -227,12 +232,17 @@ def _endpoint_targets(slices: Iterable[EndpointSlice], sp: ServicePort) -> tuple
         if port is None:
             continue
         for e in s.endpoints:
-            if e.ready:
+            if e.ready or e.draining:
+                into = targets if e.ready else draining
                 for a in e.addresses:
                     key = (int(a), port)  # Target's own order, cheaper to hash and sort
-                    if key not in targets:
-                        targets[key] = Target(a, port)
-    return tuple(map(targets.__getitem__, sorted(targets)))
+                    if key not in into:
+                        into[key] = Target(a, port)
+    if not targets:
+        targets, draining = draining, {}
+    for key in targets.keys() & draining.keys():  # ready in one slice wins
+        del draining[key]
+    return tuple(map(targets.__getitem__, sorted(targets))), tuple(map(draining.__getitem__, sorted(draining)))
 
 
 def _claims(spec: MappingSpec) -> list[tuple[EndpointKey, IPv4Address]]:
@@ -355,7 +365,7 @@ def _serve(
         )
     slices = tuple(slices)
     pod_ips = _ready_ips(slices)
-    targets_per_port: list[tuple[Target, ...]] = []
+    targets_per_port: list[tuple[tuple[Target, ...], tuple[Target, ...]]] = []  # (targets, draining)
     for p in spec.ports:
         sp = _service_port(service, p.service_port, p.protocol)
         if sp is None:
@@ -377,9 +387,9 @@ def _serve(
                         "ServiceHasNoClusterIP",
                     )
                 )
-            targets_per_port.append((Target(service.cluster_ip, p.service_port),))
+            targets_per_port.append(((Target(service.cluster_ip, p.service_port),), ()))
             continue
-        targets = _endpoint_targets(slices, sp)
+        targets, draining = _endpoint_targets(slices, sp)
         if not targets:
             return _Outcome(
                 _verdict(
@@ -390,7 +400,7 @@ def _serve(
                     service_vip=service.cluster_ip,
                 )
             )
-        targets_per_port.append(targets)
+        targets_per_port.append((targets, draining))
 
     spots = view.spots
     here = [(a, spot) for a in spec.addresses if (spot := spots.get(a)) is not None]
@@ -439,8 +449,9 @@ def _serve(
                 owner=owner,
                 interface=spot[0],
                 virtual_target=virtual,
+                draining=draining,
             )
-            for i, targets in enumerate(targets_per_port)
+            for i, (targets, draining) in enumerate(targets_per_port)
             for row, (_, spot) in zip(rows, here)
         ]
     )

@@ -84,10 +84,13 @@ def endpoint_slice(
     name: str = "",
     ready: tuple[str, ...] = ("10.244.1.2", "10.244.2.2"),
     not_ready: tuple[str, ...] = (),
+    draining: tuple[str, ...] = (),  # terminating, still serving
     ports: tuple[tuple[str, str, int], ...] = (("http", "tcp", 8080),),
 ) -> EndpointSlice:
-    endpoints = tuple(Endpoint((IPv4Address(a),), True) for a in ready) + tuple(
-        Endpoint((IPv4Address(a),), False) for a in not_ready
+    endpoints = (
+        tuple(Endpoint((IPv4Address(a),), True) for a in ready)
+        + tuple(Endpoint((IPv4Address(a),), False) for a in not_ready)
+        + tuple(Endpoint((IPv4Address(a),), False, draining=True) for a in draining)
     )
     return EndpointSlice(
         key=ObjectKey(namespace, name or f"{service_name}-abc12"),

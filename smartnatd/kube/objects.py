@@ -624,11 +624,18 @@ def _endpoints(value: Any, *, problems: _Problems) -> tuple[Endpoint, ...]:
         conditions = item.get("conditions")
         if conditions is not None and not isinstance(conditions, dict):
             problems.add(f"{path}.conditions", f"{_show(conditions)} is not an object")
-        ready = _dict(conditions).get("ready")
-        if ready is not None and not isinstance(ready, bool):
-            problems.add(f"{path}.conditions.ready", f"{_show(ready)} is not true or false")
-        # Kubernetes: an unknown (null) ready condition is to be read as ready.
-        endpoints.append(Endpoint(addresses=tuple(addresses), ready=ready is not False))
+        flags = {}
+        for name in ("ready", "serving", "terminating"):
+            flag = _dict(conditions).get(name)
+            if flag is not None and not isinstance(flag, bool):
+                problems.add(f"{path}.conditions.{name}", f"{_show(flag)} is not true or false")
+            flags[name] = flag
+        # Kubernetes: an unknown (null) ready condition is to be read as ready, a null serving
+        # one as the ready one, a null terminating one as false.
+        ready = flags["ready"] is not False
+        serving = ready if flags["serving"] is None else flags["serving"] is True
+        draining = not ready and serving and flags["terminating"] is True
+        endpoints.append(Endpoint(addresses=tuple(addresses), ready=ready, draining=draining))
     return tuple(endpoints)
 
 

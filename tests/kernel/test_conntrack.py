@@ -115,6 +115,20 @@ def test_a_new_mark_for_an_interface_deletes_every_flow_to_its_endpoints() -> No
     assert stale_flow_filters(old=old, new=old) == ()
 
 
+def test_a_target_that_starts_draining_keeps_its_flows_until_it_is_gone() -> None:
+    ready = state(dnat(E1, BACKEND_A, BACKEND_B))
+    draining = state(dataclasses.replace(dnat(E1, BACKEND_B), draining=(BACKEND_A,)))
+    gone = state(dnat(E1, BACKEND_B))
+    assert stale_flow_filters(old=ready, new=draining) == ()
+    assert stale_flow_filters(old=draining, new=gone) == (
+        FlowFilter(
+            external=E1, keep_targets=frozenset({BACKEND_B}), keep_sources=None, lost_targets=frozenset({BACKEND_A})
+        ),
+    )
+    # At start-up nothing is known of the old state: a draining target's flows are kept too.
+    assert stale_flow_filters(old=None, new=draining)[0].keep_targets == frozenset({BACKEND_A, BACKEND_B})
+
+
 def test_removed_endpoint_deletes_every_flow_to_it() -> None:
     old = state(dnat(E1, BACKEND_A), dnat(E2, BACKEND_A))
     new = state(dnat(E1, BACKEND_A))

@@ -291,6 +291,26 @@ async def test_sctp_is_translated_to_the_endpoint(topology, appliance):
         sniffer.close()
 
 
+async def test_a_terminating_pod_drains_its_flows_while_new_ones_go_to_the_ready_pod(topology, echo_servers, appliance):
+    web_dns = mapping("web", mode="direct", ports=TCP_AND_UDP)
+    await appliance.apply(web_dns, services=[web()], slices=[web_slice((POD1,))])
+    flow = UdpFlow(topology.client, src=topology.allowed_client, sport=40406, dst="192.0.2.10", dport=53)
+    try:
+        assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"a")).name == "pod1"
+        # A rolling update: pod1 is terminating but still serving, pod2 is ready.
+        draining = endpoint_slice(ready=(POD2,), draining=(POD1,), ports=(("http", "tcp", 8080), ("dns", "udp", 8080)))
+        await appliance.apply(web_dns, services=[web()], slices=[draining])
+        assert appliance.last_report.flows_deleted == 0
+        assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"b")).name == "pod1"
+        assert await asyncio.to_thread(spread, topology, 10) == {"pod2"}
+        # pod1 is gone: its flow moves on.
+        await appliance.apply(web_dns, services=[web()], slices=[web_slice((POD2,))])
+        assert appliance.last_report.flows_deleted == 1
+        assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"c")).name == "pod2"
+    finally:
+        flow.close()
+
+
 async def test_target_change_moves_a_long_lived_udp_flow_and_spares_others(topology, echo_servers, appliance):
     other = mapping("other", mode="direct", addresses=("198.51.100.10",), ports=TCP_AND_UDP)
     await appliance.apply(mapping("web", mode="direct", ports=TCP_AND_UDP), other, services=[web()], slices=[web_slice((POD1,))])

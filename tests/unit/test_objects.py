@@ -824,6 +824,24 @@ def test_endpoint_ready_defaults_to_true(endpoint: dict[str, Any], ready: bool) 
 
 
 @pytest.mark.parametrize(
+    ("conditions", "ready", "draining"),
+    [
+        ({"ready": False, "serving": True, "terminating": True}, False, True),  # drains
+        ({"ready": False, "serving": False, "terminating": True}, False, False),  # gone from service
+        ({"ready": False, "terminating": True}, False, False),  # serving null: as ready
+        ({"ready": False, "serving": True}, False, False),  # not terminating: just not ready
+        ({"ready": True, "serving": True, "terminating": False}, True, False),
+    ],
+)
+def test_a_terminating_endpoint_that_still_serves_is_draining(
+    conditions: dict[str, Any], ready: bool, draining: bool
+) -> None:
+    parsed = parse_endpoint_slice(slice_obj(endpoints=[{"addresses": ["10.244.1.2"], "conditions": conditions}]))
+    assert isinstance(parsed, EndpointSlice)
+    assert parsed.endpoints == (Endpoint((IPv4Address("10.244.1.2"),), ready=ready, draining=draining),)
+
+
+@pytest.mark.parametrize(
     ("ports", "expected"),
     [
         ([{"name": None, "protocol": "TCP", "port": 8080}], (EndpointPort("", TCP, 8080),)),

@@ -169,6 +169,29 @@ def test_gateway_offset_negative_counts_from_broadcast():
     assert str(gateway_of(IPv4Interface("10.10.10.10/24"), 1)) == "10.10.10.1"
 
 
+def test_terminating_pods_that_still_serve_drain_while_others_are_ready():
+    p = plan(
+        snap(mapping("a", mode="direct"), services=[service()],
+             slices=[endpoint_slice(ready=("10.244.2.2",), draining=("10.244.1.2",))]),
+        SETTINGS,
+    )
+    (d,) = p.desired.dnats
+    assert [str(t.address) for t in d.targets] == ["10.244.2.2"]
+    assert [str(t.address) for t in d.draining] == ["10.244.1.2"]
+    assert [str(ip) for ip in p.verdicts[0].pod_ips] == ["10.244.2.2"]
+
+
+def test_terminating_pods_that_still_serve_take_new_connections_when_none_is_ready():
+    # kube-proxy's fallback: better a terminating pod than no answer.
+    p = plan(
+        snap(mapping("a", mode="direct"), services=[service()],
+             slices=[endpoint_slice(ready=(), draining=("10.244.1.2",), not_ready=("10.244.2.2",))]),
+        SETTINGS,
+    )
+    (d,) = p.desired.dnats
+    assert ([str(t.address) for t in d.targets], d.draining) == (["10.244.1.2"], ())
+
+
 def test_forwarding_off_is_a_host_problem():
     off = dataclasses.replace(HOST, forwarding=False)
     p = plan(snap(mapping("a"), services=[service()], h=off), SETTINGS)
