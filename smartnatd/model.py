@@ -85,8 +85,11 @@ class ServicePort:
 @dataclass(frozen=True)
 class Service:
     key: ObjectKey
-    cluster_ip: IPv4Address | None  # None for headless Services
+    cluster_ip: IPv4Address | None  # None for headless Services, and those without an IPv4 one
     ports: tuple[ServicePort, ...]
+    # Why cluster_ip is None, when not because the Service is headless: "ExternalName", or
+    # "IPv6" (a single-stack IPv6 Service).
+    no_cluster_ip: str = ""
 
 
 @dataclass(frozen=True)

@@ -363,6 +363,16 @@ def _serve(
         return _Outcome(
             _verdict(m, VerdictKind.WAITING, f"Service {m.key.namespace}/{spec.service_name} not found", "ServiceNotFound")
         )
+    if service.no_cluster_ip == "ExternalName":
+        # Neither a ClusterIP nor endpoints: a DNS name, which kube-proxy does not serve either.
+        return _Outcome(
+            _verdict(
+                m, VerdictKind.WAITING,
+                f"Service {service.key} is of type ExternalName (a DNS name, no ClusterIP or endpoints); "
+                "smartnatd cannot serve it",
+                "ServiceIsExternalName",
+            )
+        )
     slices = tuple(slices)
     pod_ips = _ready_ips(slices)
     targets_per_port: list[tuple[tuple[Target, ...], tuple[Target, ...]]] = []  # (targets, draining)
@@ -379,11 +389,12 @@ def _serve(
             )
         if spec.mode == Mode.SERVICE:
             if service.cluster_ip is None:
+                kind = "only an IPv6 ClusterIP" if service.no_cluster_ip == "IPv6" else "no ClusterIP (headless)"
                 return _Outcome(
                     _verdict(
                         m,
                         VerdictKind.WAITING,
-                        f"Service {service.key} has no ClusterIP (headless); use mode: direct",
+                        f"Service {service.key} has {kind}; use mode: direct",
                         "ServiceHasNoClusterIP",
                     )
                 )

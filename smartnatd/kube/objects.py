@@ -480,21 +480,38 @@ def parse_service(obj: Any) -> Service | Invalid:
     if spec is not None and not isinstance(spec, dict):
         problems.add("spec", f"{_show(spec)} is not an object")
     spec = _dict(spec)
-    cluster_ip = _cluster_ip(spec.get("clusterIP"), problems=problems)
+    cluster_ip, no_cluster_ip = _cluster_ip(spec, problems=problems)
     ports = _kube_ports(spec.get("ports"), problems=problems, parse=_service_port)
     if problems or key is None:
         return problems.invalid()
-    return Service(key=key, cluster_ip=cluster_ip, ports=tuple(p for p in ports if isinstance(p, ServicePort)))
+    return Service(
+        key=key,
+        cluster_ip=cluster_ip,
+        ports=tuple(p for p in ports if isinstance(p, ServicePort)),
+        no_cluster_ip=no_cluster_ip,
+    )
 
 
-def _cluster_ip(value: Any, *, problems: _Problems) -> IPv4Address | None:
+def _cluster_ip(spec: dict[Any, Any], *, problems: _Problems) -> tuple[IPv4Address | None, str]:
+    """The Service's IPv4 ClusterIP (of clusterIPs, for dual-stack ones whichever family comes
+    first), and why there is none when not because it is headless."""
+    if spec.get("type") == "ExternalName":
+        return None, "ExternalName"
+    value = spec.get("clusterIP")
     if value is None or value == "" or value == "None":  # "None" marks a headless Service
-        return None
-    parsed = _ipv4_address(value)
-    if isinstance(parsed, str):
-        problems.add("clusterIP", parsed)
-        return None
-    return parsed
+        return None, ""
+    listed = spec.get("clusterIPs")
+    candidates = [value, *(listed if isinstance(listed, list) else ())]
+    ipv6 = False
+    for candidate in candidates:
+        parsed = _ipv4_address(candidate)
+        if not isinstance(parsed, str):
+            return parsed, ""
+        ipv6 = ipv6 or parsed.endswith("is IPv6; only IPv4 is supported")
+    if ipv6:
+        return None, "IPv6"
+    problems.add("clusterIP", f"{_show(value)} is not an IPv4 address")
+    return None, ""
 
 
 def _kube_ports(value: Any, *, problems: _Problems, parse: Callable[..., Any]) -> list[Any]:
@@ -561,15 +578,20 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice | Invalid:
     if key is None:
         problems.missing("metadata.name")
     address_type = obj.get("addressType")
+    other_family = address_type in ("IPv6", "FQDN")
     if address_type is None:
         problems.missing("addressType")
-    elif address_type != "IPv4":
+    elif address_type != "IPv4" and not other_family:
         shown = address_type if isinstance(address_type, str) else _show(address_type)
         problems.add("addressType", f"{shown} is not supported")
     labels = _dict(_dict(obj.get("metadata")).get("labels"))
     service_name = labels.get(SERVICE_NAME_LABEL)
     if not isinstance(service_name, str) or not service_name:
         problems.note("metadata.labels", f"label {SERVICE_NAME_LABEL} is missing")
+    if other_family and not problems and key is not None:
+        # A dual-stack Service's IPv6 (or an FQDN) slice: smartnatd serves IPv4 only, and as
+        # kube-proxy does it passes over the other family quietly; the IPv4 slices serve.
+        return EndpointSlice(key=key, service_name=_text(service_name), ports=(), endpoints=())
     ports = _kube_ports(obj.get("ports"), problems=problems, parse=_endpoint_port)
     endpoints = _endpoints(obj.get("endpoints"), problems=problems)
     if problems or key is None:

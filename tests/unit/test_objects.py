@@ -689,6 +689,23 @@ def service_obj(**spec: Any) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "demo"}, "spec": base}
 
 
+@pytest.mark.parametrize(
+    ("spec", "cluster_ip", "why"),
+    [
+        ({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.11"]}, "10.96.0.11", ""),  # dual-stack
+        ({"clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11", "fd00::10"]}, "10.96.0.11", ""),
+        ({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"]}, None, "IPv6"),
+        ({"clusterIP": "fd00::10"}, None, "IPv6"),
+        ({"type": "ExternalName", "externalName": "db.example.com", "clusterIP": ...}, None, "ExternalName"),
+        ({"clusterIP": "None"}, None, ""),  # headless
+    ],
+)
+def test_service_cluster_ip_families(spec: dict[str, Any], cluster_ip: str | None, why: str) -> None:
+    parsed = parse_service(service_obj(**spec))
+    assert isinstance(parsed, Service)
+    assert (parsed.cluster_ip, parsed.no_cluster_ip) == (IPv4Address(cluster_ip) if cluster_ip else None, why)
+
+
 def test_service_parses() -> None:
     obj = service_obj(
         ports=[
@@ -737,7 +754,7 @@ def test_service_without_ports_or_spec() -> None:
     ("obj", "reason"),
     [
         (service_obj(clusterIP="abc"), 'clusterIP "abc" is not an IPv4 address'),
-        (service_obj(clusterIP="fd00::10"), 'clusterIP "fd00::10" is IPv6; only IPv4 is supported'),
+        (service_obj(clusterIP="10.96.0.300"), 'clusterIP "10.96.0.300" is not an IPv4 address'),
         (service_obj(clusterIP=5), "clusterIP 5 is not an IPv4 address"),
         (service_obj(ports="80"), 'ports "80" is not a list'),
         (service_obj(ports=[80]), "ports[0] 80 is not an object"),
@@ -868,8 +885,7 @@ def test_endpoint_slice_without_endpoints() -> None:
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ({"addressType": "IPv6"}, "addressType IPv6 is not supported"),
-        ({"addressType": "FQDN"}, "addressType FQDN is not supported"),
+        ({"addressType": "IPv5"}, "addressType IPv5 is not supported"),
         ({"addressType": 4}, "addressType 4 is not supported"),
         ({"addressType": ...}, "addressType is missing"),
         ({"metadata": {"name": "echo-abc12"}}, "label kubernetes.io/service-name is missing"),
@@ -891,12 +907,21 @@ def test_endpoint_slice_without_endpoints() -> None:
         ({"endpoints": [{"addresses": [], "conditions": []}]}, "endpoints[0].conditions [] is not an object"),
         (
             {"addressType": "IPv6", "metadata": {"name": "s"}},
-            "addressType IPv6 is not supported; label kubernetes.io/service-name is missing",
+            "label kubernetes.io/service-name is missing",
         ),
     ],
 )  # fmt: skip
 def test_endpoint_slice_problems(fields: dict[str, Any], reason: str) -> None:
     assert parse_endpoint_slice(slice_obj(**fields)) == Invalid(reason)
+
+
+@pytest.mark.parametrize("family", ["IPv6", "FQDN"])
+def test_a_slice_of_another_family_is_passed_over_quietly(family: str) -> None:
+    # A dual-stack Service's IPv6 slice: no problem to log on every churn, nothing to serve.
+    endpoints = [{"addresses": ["fd00::1" if family == "IPv6" else "db.example.com"], "conditions": {"ready": True}}]
+    parsed = parse_endpoint_slice(slice_obj(addressType=family, endpoints=endpoints))
+    assert isinstance(parsed, EndpointSlice)
+    assert (parsed.ports, parsed.endpoints) == ((), ())
 
 
 # --- dispatch and keys ----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from ipaddress import IPv4Address
 
+import pytest
+
 from smartnatd.desired import Target
 from smartnatd.model import Snapshot
 from smartnatd.planner import VerdictKind, gateway_of, plan
@@ -152,6 +154,22 @@ def test_deleting_mapping_serves_nothing_and_frees_its_endpoints():
 def test_headless_service_in_service_mode_waits():
     (v,) = plan(snap(mapping("a"), services=[service(cluster_ip=None)]), SETTINGS).verdicts
     assert v.kind == VerdictKind.WAITING and v.event_reason == "ServiceHasNoClusterIP"
+
+
+def test_an_ipv6_only_service_in_service_mode_says_so():
+    svc = dataclasses.replace(service(cluster_ip=None), no_cluster_ip="IPv6")
+    (v,) = plan(snap(mapping("a"), services=[svc]), SETTINGS).verdicts
+    assert (v.kind, v.reason) == (VerdictKind.WAITING, "Service default/web has only an IPv6 ClusterIP; use mode: direct")
+
+
+@pytest.mark.parametrize("mode", ["service", "direct"])
+def test_an_external_name_service_cannot_be_served_in_either_mode(mode):
+    svc = dataclasses.replace(service(cluster_ip=None), no_cluster_ip="ExternalName")
+    (v,) = plan(snap(mapping("a", mode=mode), services=[svc], slices=[endpoint_slice()]), SETTINGS).verdicts
+    assert (v.kind, v.event_reason) == (VerdictKind.WAITING, "ServiceIsExternalName")
+    assert v.reason == (
+        "Service default/web is of type ExternalName (a DNS name, no ClusterIP or endpoints); smartnatd cannot serve it"
+    )
 
 
 def test_return_paths_per_interface_with_gateway_offset():

@@ -245,8 +245,8 @@ def test_unreadable_file_is_a_problem(tmp_path: Path) -> None:
         ),
         (
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, namespace: n,"
-            " labels: {kubernetes.io/service-name: x}}\naddressType: IPv6\n",
-            "x.yaml: document 1: EndpointSlice n/s: addressType IPv6 is not supported",
+            " labels: {kubernetes.io/service-name: x}}\naddressType: IPv5\n",
+            "x.yaml: document 1: EndpointSlice n/s: addressType IPv5 is not supported",
         ),
         (
             "apiVersion: smartnat.aureacentral.com/v2\nkind: Mapping\nmetadata: {name: m}\n",
