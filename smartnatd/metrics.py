@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,6 +21,12 @@ from smartnatd.reconciler import Health
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# An nft listing for /metrics that takes longer is given up (the scrape then has no per-Mapping
+# counters): ~0.2 s at 10k Mappings, so only a stuck nft reaches it, and a scrape waits no longer.
+COUNTER_TIMEOUT = 5.0
+# A counter reading is served again for this long: a flood of scrapes runs at most one nft
+# listing a second, and a Prometheus scraping every 5 s or more always gets a fresh one.
+COUNTERS_MAX_AGE = 1.0
 
 
 class _StateCollector(Collector):
@@ -55,10 +63,30 @@ class _StateCollector(Collector):
 
 
 class _CounterCollector(Collector):
-    """Per-Mapping packets and bytes from the nft element counters of external-ports."""
+    """Per-Mapping packets and bytes from the nft element counters of external-ports, read
+    at most once per `max_age` seconds (a failed reading counts: a stuck nft is not asked
+    again by every scrape of a flood)."""
 
-    def __init__(self, read: Callable[[], dict[str, tuple[int, int, str]]]) -> None:
+    def __init__(
+        self, read: Callable[[], dict[str, tuple[int, int, str]]], *, max_age: float, clock: Callable[[], float]
+    ) -> None:
         self._read = read
+        self._max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()  # one reading at a time, whichever thread scrapes
+        self._last: tuple[float, dict[str, tuple[int, int, str]]] | None = None
+
+    def _counters(self) -> dict[str, tuple[int, int, str]]:
+        with self._lock:
+            if self._last is not None and self._clock() - self._last[0] < self._max_age:
+                return self._last[1]
+            try:
+                counters = self._read()
+            except Exception:  # a scrape must not fail because the table is being replaced
+                logger.debug("reading nft counters failed", exc_info=True)
+                counters = {}
+            self._last = (self._clock(), counters)
+            return counters
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         # Counted by the external-ports lookup every client-to-endpoint packet passes (replies
@@ -69,12 +97,7 @@ class _CounterCollector(Collector):
         octets = CounterMetricFamily(
             "smartnat_mapping_bytes", "Bytes from clients to an external endpoint", labels=["mapping", "endpoint"]
         )
-        try:
-            counters = self._read()
-        except Exception:  # a scrape must not fail because the table is being replaced
-            logger.debug("reading nft counters failed", exc_info=True)
-            counters = {}
-        for key, (p, b, owner) in sorted(counters.items()):
+        for key, (p, b, owner) in sorted(self._counters().items()):
             parts = key.split(" . ")
             endpoint = f"{parts[0]}:{parts[2]}/{parts[1]}" if len(parts) == 3 else key
             packets.add_metric([owner, endpoint], p)
@@ -90,6 +113,8 @@ class Metrics:
         health: Callable[[], Health],
         counters: Callable[[], dict[str, tuple[int, int, str]]] | None,
         sources: Callable[[], dict[str, bool]] | None = None,
+        counters_max_age: float = COUNTERS_MAX_AGE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -106,7 +131,7 @@ class Metrics:
         info.labels(version=__version__).set(1)
         r.register(_StateCollector(health, sources))
         if counters is not None:
-            r.register(_CounterCollector(counters))
+            r.register(_CounterCollector(counters, max_age=counters_max_age, clock=clock))
 
     def observe_pass(self, report: ApplyReport | None, took: float, ok: bool) -> None:
         self.sync_duration.observe(took)
@@ -120,14 +145,20 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def nft_counter_reader(runner: NftRunner) -> Callable[[], dict[str, tuple[int, int, str]]]:
-    """Reads the counters with an nft process of its own where the command is installed. A
-    listing at 10k Mappings takes ~0.2 s, and through the library runner it would hold the one
-    context, and the next pass's transaction with it, for that long on every scrape."""
-    reader = runner
-    if runner.backend == "library":
-        try:
-            reader = ProcessRunner(netns=runner.netns)
-        except NftError as err:
-            logger.warning("/metrics reads nft counters through the library: a pass waits while it does (%s)", err)
+def nft_counter_reader(
+    runner: NftRunner, *, timeout: float = COUNTER_TIMEOUT
+) -> Callable[[], dict[str, tuple[int, int, str]]]:
+    """Reads the counters with an nft process of its own, given up after `timeout` seconds,
+    where the command is installed. A listing at 10k Mappings takes ~0.2 s, and through the
+    library runner it would hold the one context, and the next pass's transaction with it, for
+    that long on every scrape; the transaction runner's own timeout (120 s) is for a pass."""
+    reader: NftRunner
+    try:
+        reader = ProcessRunner(netns=runner.netns, timeout=timeout)
+    except NftError as err:
+        reader = runner
+        logger.warning(
+            "/metrics reads nft counters through the %s runner, without a %gs timeout%s (%s)",
+            runner.backend, timeout, ": a pass waits while it does" if runner.backend == "library" else "", err,
+        )
     return lambda: reader.element_counters(names.FAMILY, names.TABLE, names.EXTERNAL_PORTS)

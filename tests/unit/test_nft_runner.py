@@ -26,6 +26,7 @@ from smartnatd.nft.libnftables import LibnftablesUnavailable, load_library
 from smartnatd.nft.runner import (
     Failure,
     NftRunner,
+    ProcessRunner,
     describe_failure,
     make_runner,
     parse_element_counters,
@@ -235,6 +236,22 @@ def test_metrics_reads_counters_without_waiting_for_a_transaction(netns: str) ->
     finally:
         pool.shutdown()
         runner.close()
+
+
+def test_metrics_counter_reading_gives_up_after_its_own_short_timeout(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stuck nft holds a scrape for the counter timeout, not the transaction's 120 s."""
+    fake = tmp_path / "nft"
+    fake.write_text(f"#!/bin/sh\nexec {shutil.which('sleep')} 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    transactions = ProcessRunner(netns=None)
+    read = nft_counter_reader(transactions, timeout=0.2)
+    with pytest.raises(NftError, match="no answer within 0.2s") as caught:
+        read()
+    assert caught.value.errno_name == "ETIMEDOUT"
+    assert transactions.timeout == 120.0  # a pass keeps its own
 
 
 @needs_root
