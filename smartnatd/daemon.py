@@ -16,12 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
-
 from smartnatd import __version__, logs
 from smartnatd.dataplane import ApplyReport, Dataplane
 from smartnatd.errors import SettingsError
-from smartnatd.health import build_app
+from smartnatd.health import Monitor, build_app
 from smartnatd.host import HostWatcher
 from smartnatd.metrics import Metrics, nft_counter_reader
 from smartnatd.reconciler import LogWriteback, Reconciler, Writeback
@@ -174,11 +172,8 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
         max_pass_age=max(3 * settings.full_resync_period_sec, 60.0),
         max_loop_stall=max(3 * watchdog, 30.0),
     )
-    http = web.AppRunner(app, access_log=None)
-    await http.setup()
-    site = web.TCPSite(http, settings.monitor_ip or None, settings.monitor_port)
     try:
-        await site.start()
+        http = await Monitor.start(app, host=settings.monitor_ip or None, port=settings.monitor_port)
     except OSError as err:
         # A port someone else holds is a setting to change: exit 78, no restart loop.
         reason = os.strerror(err.errno) if err.errno else str(err)
@@ -186,7 +181,6 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
             "cannot listen on SNCTRLR_MONITOR_IP:SNCTRLR_MONITOR_PORT=%s:%d: %s; free it or choose another",
             settings.monitor_ip or "*", settings.monitor_port, reason,
         )
-        await http.cleanup()
         if kube is not None:
             await kube.close()
         await dataplane.close()
@@ -216,7 +210,7 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
             async with asyncio.timeout(STOP_DEADLINE):
                 if kube is not None:
                     await kube.close()
-                await http.cleanup()
+                await http.close()
                 await dataplane.close()
         except TimeoutError:
             # Only connections are left to close; the kernel state stays either way.

@@ -5,13 +5,30 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from smartnatd.metrics import CONTENT_TYPE, Metrics
 from smartnatd.reconciler import Health
+
+logger = logging.getLogger(__name__)
+
+# Connections beyond this are answered 503 and closed at once: idle or slow clients cannot
+# take the file descriptors the daemon needs for netlink, nft and the API server.
+MAX_CONNECTIONS = 64
+# A connection must send a complete request head within this many seconds of opening, or of
+# its previous answer (aiohttp's keep-alive timer covers both); then it is closed. A scraper
+# that keeps connections between scrapes just opens a new one.
+IDLE_TIMEOUT = 10.0
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n"
+    b"Connection: close\r\n\r\ntoo many connections\n"
+)
 
 
 class SharedReading:
@@ -119,3 +136,85 @@ def build_app(
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics_handler)
     return app
+
+
+class _ClientErrorsAtDebug(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp.server's logger for the monitor: a malformed request (a port scan, a header over
+    the size limit) is the client's problem, logged at debug with its traceback instead of at
+    error; an exception in a handler of ours stays an error."""
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        level = logging.DEBUG if isinstance(exc_info, HttpProcessingError) else logging.ERROR
+        self.log(level, msg, *args, exc_info=exc_info, **kwargs)
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_REFUSED)
+        transport.close()
+
+
+class Monitor:
+    """The monitor app listening on a TCP socket, bounded against clients that hold connections:
+    at most `max_connections` at once, each closed when it sends no complete request within
+    `idle_timeout` seconds."""
+
+    def __init__(self, runner: web.AppRunner, *, max_connections: int) -> None:
+        self._runner = runner
+        self._max_connections = max_connections
+        self._listener: asyncio.Server | None = None
+        self._refusing = False
+
+    @classmethod
+    async def start(
+        cls,
+        app: web.Application,
+        *,
+        host: str | None,
+        port: int,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> Monitor:
+        """Listen on host:port (None: every address); OSError when that cannot be bound."""
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            keepalive_timeout=idle_timeout,
+            logger=_ClientErrorsAtDebug(logging.getLogger("aiohttp.server"), {}),
+        )
+        await runner.setup()
+        monitor = cls(runner, max_connections=max_connections)
+        try:
+            # Not a web.TCPSite: its protocol factory is aiohttp's server itself, which accepts
+            # every connection; this one counts them first.
+            monitor._listener = await asyncio.get_running_loop().create_server(
+                monitor._connection, host, port, reuse_address=True
+            )
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return monitor
+
+    @property
+    def port(self) -> int:
+        assert self._listener is not None
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        await self._runner.cleanup()
+
+    def _connection(self) -> asyncio.BaseProtocol:
+        server = self._runner.server
+        assert server is not None
+        if len(server.connections) >= self._max_connections:
+            if not self._refusing:
+                logger.warning("monitor connections at the limit, refusing more limit=%d", self._max_connections)
+                self._refusing = True
+            return _Refused()
+        if self._refusing:
+            logger.info("monitor connections below the limit again limit=%d", self._max_connections)
+            self._refusing = False
+        return server()

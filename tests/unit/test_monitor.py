@@ -4,14 +4,14 @@ idle and slow clients can and cannot do to the daemon."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiohttp import web
 
-from smartnatd.health import build_app
+from smartnatd.health import Monitor, build_app
 from smartnatd.metrics import Metrics
 from smartnatd.reconciler import Health
 
@@ -52,13 +52,6 @@ class BlockingCounters:
                 self.running -= 1
 
 
-async def wait_until(predicate: Callable[[], object], *, timeout: float, what: str) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-    assert predicate(), what
-
-
 async def get(port: int, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection(LOCALHOST, port)
     try:
@@ -94,20 +87,18 @@ def monitor_app(
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[web.Application], asyncio.Future[int]]]:
-    runners: list[web.AppRunner] = []
+async def serve() -> AsyncIterator[Callable[..., asyncio.Future[int]]]:
+    """Starts the monitor app as the daemon does, on 127.0.0.1 and a free port."""
+    monitors: list[Monitor] = []
 
-    async def start(app: web.Application) -> int:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, LOCALHOST, 0)
-        await site.start()
-        return runner.addresses[0][1]
+    async def start(app: web.Application, **limits: float) -> int:
+        monitor = await Monitor.start(app, host=LOCALHOST, port=0, **limits)  # type: ignore[arg-type]
+        monitors.append(monitor)
+        return monitor.port
 
     yield start  # type: ignore[misc]
-    for runner in runners:
-        await runner.cleanup()
+    for monitor in monitors:
+        await monitor.close()
 
 
 async def test_concurrent_scrapes_share_one_nft_reading_and_leave_the_default_executor_free(serve) -> None:
@@ -158,3 +149,66 @@ async def test_a_scrape_that_hangs_up_does_not_cancel_the_reading_others_wait_fo
     counters.release.set()
     status, body = await waiting
     assert status == 200 and b"ns-a/web" in body and counters.reads == 1
+
+
+async def test_connections_beyond_the_limit_are_refused_until_one_closes(serve, caplog) -> None:
+    port = await serve(monitor_app(counters=None, clock=Clock()), max_connections=4)
+    idle = [await asyncio.open_connection(LOCALHOST, port) for _ in range(4)]
+    try:
+        status, body = await get(port, "/healthz")
+        assert (status, body) == (503, b"too many connections\n")
+        assert "monitor connections at the limit, refusing more limit=4" in caplog.text
+        _, writer = idle.pop()
+        writer.close()
+        await writer.wait_closed()
+        status, body = await _get_when_accepted(port, "/healthz")
+        assert status == 200 and body.startswith(b"starting:")
+    finally:
+        for _, writer in idle:
+            writer.close()
+
+
+async def _get_when_accepted(port: int, path: str) -> tuple[int, bytes]:
+    """The server drops a closed connection from its count once its handler has ended."""
+    async with asyncio.timeout(5):
+        while (answer := await get(port, path))[0] != 200:
+            await asyncio.sleep(0.01)
+    return answer
+
+
+async def test_silent_and_slow_clients_are_closed_after_the_idle_timeout(serve) -> None:
+    port = await serve(monitor_app(counters=None, clock=Clock()), idle_timeout=0.3)
+    silent_reader, silent = await asyncio.open_connection(LOCALHOST, port)
+    slow_reader, slow = await asyncio.open_connection(LOCALHOST, port)
+    slow.write(b"GET /healthz HTTP/1.1\r\nX-a: ")
+
+    async def drip() -> None:  # one byte at a time, never finishing the header
+        while not slow_reader.at_eof():
+            slow.write(b"a")
+            await asyncio.sleep(0.05)
+
+    dripping = asyncio.ensure_future(drip())
+    try:
+        async with asyncio.timeout(5):
+            assert await silent_reader.read() == b""
+            assert await slow_reader.read() == b""
+    finally:
+        dripping.cancel()
+        silent.close()
+        slow.close()
+    # A client that does send its request is answered as before.
+    status, _ = await get(port, "/readyz")
+    assert status == 503  # not ready yet: no pass in this test
+
+
+async def test_a_malformed_request_is_answered_400_and_logged_at_debug_only(serve, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="aiohttp.server")
+    port = await serve(monitor_app(counters=None, clock=Clock()))
+    reader, writer = await asyncio.open_connection(LOCALHOST, port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n")
+    answer = await reader.read(200)
+    writer.close()
+    assert answer.split(b" ", 2)[1] == b"400"
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records and all(r.levelno == logging.DEBUG for r in records)
+    assert any("Error handling request" in r.getMessage() and r.exc_info for r in records)
