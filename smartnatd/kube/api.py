@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -22,6 +23,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 
 from smartnatd.errors import KubeApiError, SettingsError
+
+logger = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -49,6 +52,7 @@ async def load_configuration(*, environ: Mapping[str, str] = os.environ) -> tupl
             await load_kube_config(config_file=path, client_configuration=config, persist_config=False)
         except (ConfigException, yaml.YAMLError, OSError, ValueError, TypeError, KeyError, AttributeError) as err:
             raise SettingsError([f"kubeconfig {path}: {err}; fix the file or KUBECONFIG"]) from err
+        _warn_about_kubeconfig(path, config)
         return config, f"kubeconfig {path}"
     if environ.get("KUBERNETES_SERVICE_HOST"):
         try:
@@ -61,6 +65,24 @@ async def load_configuration(*, environ: Mapping[str, str] = os.environ) -> tupl
         f"(etc/kubeconfig-from-serviceaccount.sh writes {APPLIANCE_KUBECONFIG}), "
         "or run smartnatd run --source DIR without a cluster"
     ])
+
+
+def _warn_about_kubeconfig(path: str, config: Configuration) -> None:
+    """Said once, at start: a kubeconfig that turns TLS verification off, or that others can
+    read (it holds the service account's token)."""
+    if not config.verify_ssl:
+        logger.warning(
+            "TLS verification of the API server is off (insecure-skip-tls-verify in KUBECONFIG) kubeconfig=%s", path
+        )
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # it was just read; gone meanwhile is not this check's to report
+    if mode & 0o077:
+        logger.warning(
+            "kubeconfig is readable by group or others and holds a token; chmod 600 it kubeconfig=%s mode=%04o",
+            path, mode & 0o7777,
+        )
 
 
 def api_error(err: ApiException) -> KubeApiError:
