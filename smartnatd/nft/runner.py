@@ -314,11 +314,22 @@ def parse_element_counters(listing: str) -> dict[str, tuple[int, int, str]]:
 
 
 def save_failed(
-    *, state_dir: pathlib.Path, text: str, failure: Failure, backend: str, keep: int = KEEP_FAILED
+    *,
+    state_dir: pathlib.Path,
+    text: str,
+    failure: Failure,
+    backend: str,
+    keep: int = KEEP_FAILED,
+    now: datetime | None = None,
 ) -> pathlib.Path:
-    """Write the failed transaction with nft's error appended as comments; keep the newest `keep`."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(UTC)
+    """Write the failed transaction with nft's error appended as comments; keep the newest `keep`.
+
+    The directory is created 0700 and the file 0600, never wider whatever the umask (a
+    transaction names every address and backend); the file is created new and never through a symlink, so a
+    link planted at the name cannot make the daemon (root) write elsewhere: that raises
+    OSError, which the caller reports as a failure to save."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    now = now or datetime.now(UTC)
     path = state_dir / f"failed-{now.strftime('%Y%m%dT%H%M%S.%fZ')}.nft"
     body = text if text.endswith("\n") or not text else text + "\n"
     comments = [
@@ -326,8 +337,11 @@ def save_failed(
         f"# {failure.message}",
         *(f"# {line}" for line in failure.details.splitlines()),
     ]
-    path.write_text(body + "\n".join(comments) + "\n", encoding="utf-8")
-    # Timestamps sort by name; microseconds keep two failures in one second apart.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8") as file:
+        file.write(body + "\n".join(comments) + "\n")
+    # Timestamps sort by name; microseconds keep two failures in one second apart. unlink()
+    # removes a link itself, never its target.
     for old in sorted(state_dir.glob("failed-*.nft"))[:-keep]:
         old.unlink(missing_ok=True)
     return path

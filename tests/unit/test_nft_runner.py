@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -410,6 +411,39 @@ def test_save_failed_keeps_the_last_five(tmp_path: pathlib.Path) -> None:
     content = paths[-1].read_text()
     assert content.startswith("add table ip t6\n# nft failed at ")
     assert "# transaction:1:1-1: Error: boom" in content
+
+
+FAILURE = Failure(message="nft rejected the transaction: boom", errno_name="EINVAL", details="")
+
+
+def test_save_failed_makes_a_private_directory_and_file_whatever_the_umask(tmp_path: pathlib.Path) -> None:
+    state = tmp_path / "state"
+    previous = os.umask(0)
+    try:
+        path = save_failed(state_dir=state, text="add table ip t", failure=FAILURE, backend="process")
+    finally:
+        os.umask(previous)
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_save_failed_does_not_follow_a_symlink_planted_at_its_name(tmp_path: pathlib.Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    planted = state / "failed-20260102T030405.678901Z.nft"
+    planted.symlink_to(victim)
+    with pytest.raises(OSError):
+        save_failed(state_dir=state, text="add table ip t", failure=FAILURE, backend="process", now=now)
+    assert victim.read_text() == "untouched\n"
+    assert planted.is_symlink()
+    # Rotation removes an old link itself, not what it points to.
+    for i in range(6):
+        save_failed(state_dir=state, text="add table ip t", failure=FAILURE, backend="process",
+                    now=now.replace(second=6 + i))
+    assert not planted.is_symlink() and victim.read_text() == "untouched\n"
 
 
 def test_missing_library_is_a_clear_error() -> None:
