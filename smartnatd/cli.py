@@ -236,7 +236,8 @@ async def _discover(settings: Settings, netns: str | None) -> Host:
 
     async with AsyncIPRoute(netns=netns, flags=0) if netns else AsyncIPRoute() as ipr:
         return await discover(
-            ipr, pattern=settings.interfaces_regex, default_gw_interface=settings.default_gw_interface
+            ipr, pattern=settings.interfaces_regex, default_gw_interface=settings.default_gw_interface,
+            own_namespace=netns is None,
         )
 
 

@@ -180,7 +180,7 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
 
 def _kept_targets(dnat: Dnat) -> frozenset[Target]:
     """Targets whose flows may go on: the current ones and those draining (terminating pods)."""
-    return frozenset(dnat.targets) | frozenset(dnat.draining) if dnat.draining else frozenset(dnat.targets)
+    return frozenset(dnat.targets + dnat.draining)
 
 
 def _keep_only(dnat: Dnat) -> FlowFilter:

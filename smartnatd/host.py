@@ -8,7 +8,6 @@ refresh) and calls on_change() when what it saw differs. It never touches the ke
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import logging
 from collections.abc import Callable
@@ -33,7 +32,9 @@ _IFA_F_SECONDARY = 0x1
 _OPER_UP = {"UP", "UNKNOWN"}
 
 
-async def discover(ipr: AsyncIPRoute, *, pattern: InterfacePattern, default_gw_interface: str) -> Host:
+async def discover(
+    ipr: AsyncIPRoute, *, pattern: InterfacePattern, default_gw_interface: str, own_namespace: bool = False
+) -> Host:
     """External interfaces: names matching `pattern` anywhere, except the default gateway's.
 
     `pattern.search` keeps SmartNat's Go regexp.MatchString semantics (unanchored). Addresses
@@ -69,7 +70,11 @@ async def discover(ipr: AsyncIPRoute, *, pattern: InterfacePattern, default_gw_i
         )
         for index, (name, up) in links.items()
     ]
-    return Host(interfaces=tuple(sorted(interfaces, key=lambda iface: (iface.name, iface.index))))
+    return Host(
+        interfaces=tuple(sorted(interfaces, key=lambda iface: (iface.name, iface.index))),
+        # /proc/sys/net is the reading process's own namespace: known only when `ipr` is in it.
+        forwarding=read_ip_forward() if own_namespace else None,
+    )
 
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -163,10 +168,10 @@ class HostWatcher:
             sock.close()
 
     async def _refresh(self, dumper: AsyncIPRoute) -> None:
-        host = await discover(dumper, pattern=self._pattern, default_gw_interface=self._default_gw_interface)
-        if self._netns is None:
-            # /proc/sys/net is the reading process's own namespace: known only for that one.
-            host = dataclasses.replace(host, forwarding=read_ip_forward())
+        host = await discover(
+            dumper, pattern=self._pattern, default_gw_interface=self._default_gw_interface,
+            own_namespace=self._netns is None,
+        )
         if host == self._host:
             return
         previous, self._host = self._host, host

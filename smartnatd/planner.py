@@ -170,12 +170,9 @@ def _return_paths(host: Host, settings: Settings) -> tuple[tuple[ReturnPath, ...
         except ValueError:  # the offset leaves the IPv4 space altogether
             gateway = primary.network.network_address
         special = () if primary.network.prefixlen == 31 else (primary.network.network_address, primary.network.broadcast_address)
-        if gateway not in primary.network or gateway in special or gateway == primary.ip:
-            what = (
-                f"this box's own address {gateway} as the gateway"
-                if gateway == primary.ip
-                else f"no usable gateway in {primary.network}"
-            )
+        own = any(gateway == a.ip for a in iface.addresses)  # a route via itself goes nowhere
+        if gateway not in primary.network or gateway in special or own:
+            what = f"this box's own address {gateway} as the gateway" if own else f"no usable gateway in {primary.network}"
             problems.append(
                 f"interface {iface.name}: SNCTRLR_GW_ADDRESS_OFFSET={settings.gw_address_offset} gives {what}; "
                 "its addresses are not served"
@@ -240,8 +237,9 @@ def _endpoint_targets(
                         into[key] = Target(a, port)
     if not targets:
         targets, draining = draining, {}
-    for key in targets.keys() & draining.keys():  # ready in one slice wins
-        del draining[key]
+    elif draining:
+        for key in targets.keys() & draining.keys():  # ready in one slice wins
+            del draining[key]
     return tuple(map(targets.__getitem__, sorted(targets))), tuple(map(draining.__getitem__, sorted(draining)))
 
 

@@ -493,25 +493,27 @@ def parse_service(obj: Any) -> Service | Invalid:
 
 
 def _cluster_ip(spec: dict[Any, Any], *, problems: _Problems) -> tuple[IPv4Address | None, str]:
-    """The Service's IPv4 ClusterIP (of clusterIPs, for dual-stack ones whichever family comes
-    first), and why there is none when not because it is headless."""
+    """The Service's IPv4 ClusterIP (a dual-stack Service's IPv4 entry of clusterIPs, wherever
+    it is listed), and why there is none when not because it is headless."""
     if spec.get("type") == "ExternalName":
         return None, "ExternalName"
     value = spec.get("clusterIP")
     if value is None or value == "" or value == "None":  # "None" marks a headless Service
         return None, ""
     listed = spec.get("clusterIPs")
-    candidates = [value, *(listed if isinstance(listed, list) else ())]
-    ipv6 = False
-    for candidate in candidates:
-        parsed = _ipv4_address(candidate)
-        if not isinstance(parsed, str):
-            return parsed, ""
-        ipv6 = ipv6 or parsed.endswith("is IPv6; only IPv4 is supported")
-    if ipv6:
-        return None, "IPv6"
-    problems.add("clusterIP", f"{_show(value)} is not an IPv4 address")
-    return None, ""
+    found: IPv4Address | None = None
+    for path, candidate in [("clusterIP", value), *((f"clusterIPs[{i}]", c) for i, c in enumerate(
+        listed if isinstance(listed, list) else ()
+    ))]:
+        try:
+            address = ipaddress.ip_address(candidate) if isinstance(candidate, str) else None
+        except ValueError:
+            address = None
+        if address is None:
+            problems.add(path, f"{_show(candidate)} is not an IPv4 address")
+        elif isinstance(address, IPv4Address) and found is None:
+            found = address
+    return found, "" if found is not None else "IPv6"
 
 
 def _kube_ports(value: Any, *, problems: _Problems, parse: Callable[..., Any]) -> list[Any]:
@@ -588,7 +590,7 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice | Invalid:
     service_name = labels.get(SERVICE_NAME_LABEL)
     if not isinstance(service_name, str) or not service_name:
         problems.note("metadata.labels", f"label {SERVICE_NAME_LABEL} is missing")
-    if other_family and not problems and key is not None:
+    if other_family and key is not None:
         # A dual-stack Service's IPv6 (or an FQDN) slice: smartnatd serves IPv4 only, and as
         # kube-proxy does it passes over the other family quietly; the IPv4 slices serve.
         return EndpointSlice(key=key, service_name=_text(service_name), ports=(), endpoints=())

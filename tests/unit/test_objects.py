@@ -906,8 +906,8 @@ def test_endpoint_slice_without_endpoints() -> None:
          'endpoints[0].conditions.ready "yes" is not true or false'),
         ({"endpoints": [{"addresses": [], "conditions": []}]}, "endpoints[0].conditions [] is not an object"),
         (
-            {"addressType": "IPv6", "metadata": {"name": "s"}},
-            "label kubernetes.io/service-name is missing",
+            {"addressType": "IPv5", "metadata": {"name": "s"}},
+            "addressType IPv5 is not supported; label kubernetes.io/service-name is missing",
         ),
     ],
 )  # fmt: skip
