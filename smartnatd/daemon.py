@@ -7,6 +7,7 @@ the next process re-adopts it with a full pass and removes only what is stale.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -76,7 +77,7 @@ def run_daemon(*, settings: Settings, source: Path | None, netns: str | None) ->
 def _state_dir(settings: Settings) -> Path | None:
     path = Path(settings.state_dir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)  # failed transactions show the whole ruleset
         return path
     except OSError as err:
         logger.warning("state directory %s unusable (%s); failed transactions will not be saved", path, err)
@@ -175,16 +176,20 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
     try:
         http = await Monitor.start(app, host=settings.monitor_ip or None, port=settings.monitor_port)
     except OSError as err:
-        # A port someone else holds is a setting to change: exit 78, no restart loop.
+        # A port someone else holds, or one we may not bind, is a setting to change: exit 78, no
+        # restart loop. Anything else (the address not up yet: late DHCP, a moving address)
+        # may pass: exit 1 and let the unit's Restart=on-failure try again.
+        settled = err.errno in (errno.EADDRINUSE, errno.EACCES)
         reason = os.strerror(err.errno) if err.errno else str(err)
         logger.critical(
-            "cannot listen on SNCTRLR_MONITOR_IP:SNCTRLR_MONITOR_PORT=%s:%d: %s; free it or choose another",
+            "cannot listen on SNCTRLR_MONITOR_IP:SNCTRLR_MONITOR_PORT=%s:%d: %s; %s",
             settings.monitor_ip or "*", settings.monitor_port, reason,
+            "free it or choose another" if settled else "retrying through the unit's restart",
         )
         if kube is not None:
             await kube.close()
         await dataplane.close()
-        return EXIT_CONFIG
+        return EXIT_CONFIG if settled else 1
     logger.info("monitoring on http://%s:%d/ (healthz, readyz, metrics)", settings.monitor_ip or "*", settings.monitor_port)
     host_watcher = HostWatcher(
         netns=netns,

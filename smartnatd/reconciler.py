@@ -205,6 +205,7 @@ class Reconciler:
                 if self._settings.sync_debounce_ms and not self._backoff:
                     # Coalesce a burst: events arriving now are part of this pass.
                     await asyncio.sleep(self._settings.sync_debounce_ms / 1000)
+                    full_due = full_due or self._resync.is_set()  # a SIGHUP during the debounce
                 self._resync.clear()
                 await self.run_once(full=full_due)
                 due = False

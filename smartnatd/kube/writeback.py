@@ -173,7 +173,17 @@ class KubeWriteback:
                     # Someone wrote in between (another appliance, a user): look again soon.
                     logger.debug("mapping %s: write-back conflict (%s); retrying", verdict.key, err)
                     return
-                # Unreachable, or refused (403 without RBAC, 422): the same for the next Mapping.
+                if err.status == 422:
+                    # This object's write breaks its schema or a webhook's rule: this Mapping's
+                    # problem, not the server's. Treated as an outage it stalled every other
+                    # Mapping behind it for as long as it lasted.
+                    text = str(err)
+                    if self._broken.get(verdict.key) != text:
+                        self._broken[verdict.key] = text
+                        logger.warning("status write-back refused for mapping %s: %s; retrying with backoff",
+                                       verdict.key, err)
+                    return
+                # Unreachable, or refused (403 without RBAC): the same for the next Mapping.
                 self._outage = True
                 if not self._failing:
                     hint = "" if err.transient else " (check etc/rbac.yaml and etc/crd/mappings.yaml are applied)"

@@ -358,7 +358,10 @@ def _failed(
             saved = str(save_failed(state_dir=state_dir, text=text, failure=failure, backend=backend))
         except OSError as err:
             # Saving is a diagnostic aid: report the nft error, not this one.
-            logger.warning("cannot save failed nft transaction state_dir=%s error=%r", state_dir, str(err))
+            logger.log(
+                logging.DEBUG if repeated else logging.WARNING,
+                "cannot save failed nft transaction state_dir=%s error=%r", state_dir, str(err),
+            )
     logger.log(
         logging.DEBUG if repeated else logging.WARNING,
         "nft transaction %s backend=%s errno=%s saved=%s error=%r",

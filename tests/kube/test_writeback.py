@@ -307,6 +307,26 @@ async def test_a_refused_write_stops_the_batch_backs_off_and_is_logged_once(
     assert 'status write-back works again' in caplog.text
 
 
+async def test_a_write_refused_for_one_mapping_does_not_hold_up_the_others(
+        kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture) -> None:
+    await kube_api.create_object(SERVICES, service_body())
+    await kube_api.create_object(ENDPOINTSLICES, slice_body())
+    for i in range(5):  # NotLocal on ap1: status only, no finalizer
+        await kube_api.create_object(MAPPINGS, mapping_body(f'm{i:02}', addresses=('203.0.113.5',), port=1000 + i))
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    # m00 sorts first: a 422 for it alone (its object breaks a webhook's rule, say).
+    refused = kube_api.fail_next(10_000, status=422, verb='patch', resource=MAPPINGS, subresource='status', name='m00',
+                                 message='admission webhook denied the request')
+    caplog.set_level(logging.DEBUG, logger='smartnatd.kube.writeback')
+    for _ in range(3):
+        await ap1.sync()
+    assert all(current(kube_api, f'm{i:02}').get('status', {}).get('invalid') == 'no' for i in range(1, 5))
+    assert refused.hits
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and 'refused for mapping demo/m00' in warnings[0], warnings
+
+
 async def test_a_surprise_in_one_mapping_is_logged_once_and_the_others_are_written(
         kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
