@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -320,7 +321,9 @@ class Watcher:
     async def _failed(self, err: Exception, *, transient: bool) -> None:
         delay = self._backoff.next()
         problem = describe(err, server=api_server(self.resource.list_method))
-        if not self._failing or problem != self.problem:
+        # The same trouble, told apart from a new one without its changing figures (seconds,
+        # the text of a bad line), so that it is logged once however often it repeats.
+        if not self._failing or _kind_of(problem) != _kind_of(self.problem):
             # Logged when the trouble starts (or changes) and when it ends, not at every retry.
             hint = "" if transient else " (check the CRD is installed and etc/rbac.yaml is applied)"
             state = "serving the last known state" if self.listed else "no state yet"
@@ -330,3 +333,11 @@ class Watcher:
             logger.debug("watch %s still failing: %s; retry in %.1fs", self.name, problem, delay)
         self.problem = problem
         await self._sleep(delay)
+
+
+_FIGURES = re.compile(r"[0-9]+(\.[0-9]+)?s\b|'[^']*'|\"[^\"]*\"")
+
+
+def _kind_of(problem: str) -> str:
+    """A problem's text without what changes from one occurrence to the next."""
+    return _FIGURES.sub("…", problem)

@@ -283,7 +283,8 @@ async def test_in_stream_errors_back_off_growing_and_are_logged_once(
 
 
 async def test_a_watch_that_ends_at_once_without_events_backs_off(
-        kube_api: KubeEmulator, kube_client: ApiClient) -> None:
+        kube_api: KubeEmulator, kube_client: ApiClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger='smartnatd.kube.watch')
     store = Store(expect={Kind.MAPPINGS})
     sleeps = ManualSleep()
     watcher = Watcher(resource=mappings_resource(kube_client), store=store, sleep=sleeps,
@@ -300,6 +301,9 @@ async def test_a_watch_that_ends_at_once_without_events_backs_off(
     for delay, cap in zip(sleeps.delays, [0.5, 1, 2, 4], strict=True):
         assert cap / 2 <= delay <= cap
     assert [r.verb for r in kube_api.recorded(resource=MAPPINGS)] == ['list'] + ['watch'] * 5
+    # The same trouble each time, only its seconds differ: one warning, not one per retry.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and 'ended the watch' in warnings[0], warnings
 
 
 async def test_http_410_when_opening_a_watch_relists(kube_api: KubeEmulator, kube_client: ApiClient) -> None:
@@ -334,3 +338,13 @@ async def test_repeated_http_410_after_listing_backs_off(kube_api: KubeEmulator,
     for delay, cap in zip(sleeps.delays, [0.5, 1, 2], strict=True):
         assert cap / 2 <= delay <= cap
     assert [r.verb for r in kube_api.recorded(resource=MAPPINGS)] == ['list', 'watch'] * 5
+
+
+def test_a_problem_is_the_same_trouble_whatever_its_figures() -> None:
+    from smartnatd.kube.watch import _kind_of
+
+    # Logged once per trouble: these differ only in what changes on every retry.
+    assert _kind_of('the server ended the watch after 0.3s without any event') == _kind_of(
+        'the server ended the watch after 0.9s without any event')
+    assert _kind_of("not a JSON event: 'abc'") == _kind_of("not a JSON event: 'xyz{'")
+    assert _kind_of('500: etcd is sad') != _kind_of('403: forbidden')
