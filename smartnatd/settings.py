@@ -86,27 +86,37 @@ _REPEAT = re.compile(r"\{([0-9]+)(?:,([0-9]*))?\}")
 
 
 def _check_go_limits(go_pattern: str) -> None:
+    """Go's limits on the operators of the pattern: repeat counts and group nesting. Escaped
+    characters, \\Q...\\E text and character classes are literal and skipped. The nesting
+    count is of parentheses, an upper bound of the tree height Go measures."""
     depth = deepest = 0
-    escaped = in_class = False
-    for c in go_pattern:
-        if escaped:
-            escaped = False
-        elif c == "\\":
-            escaped = True
-        elif in_class:
-            in_class = c != "]"
-        elif c == "[":
-            in_class = True
+    i, n = 0, len(go_pattern)
+    while i < n:
+        c = go_pattern[i]
+        if c == "\\":
+            if go_pattern.startswith("\\Q", i):
+                end = go_pattern.find("\\E", i + 2)
+                i = n if end < 0 else end + 2
+            else:
+                i += 2
+            continue
+        if c == "[":
+            # A class: up to the first ']' that is not its first member, escapes skipped.
+            i += 2 if go_pattern.startswith("[^", i) else 1
+            i += 1 if go_pattern[i : i + 1] == "]" else 0
+            while i < n and go_pattern[i] != "]":
+                i += 2 if go_pattern[i] == "\\" else 1
         elif c == "(":
             depth += 1
             deepest = max(deepest, depth)
         elif c == ")":
             depth -= 1
+        elif c == "{" and (match := _REPEAT.match(go_pattern, i)):
+            if any(count and int(count) > _GO_MAX_REPEAT for count in match.groups()):
+                raise ValueError(f"invalid repeat count: {match[0]} (at most {_GO_MAX_REPEAT})")
+        i += 1
     if deepest > _GO_MAX_NESTING:
         raise ValueError("expression nests too deeply")
-    for match in _REPEAT.finditer(go_pattern):
-        if any(n and int(n) > _GO_MAX_REPEAT for n in match.groups()):
-            raise ValueError(f"invalid repeat count: {match[0]} (at most {_GO_MAX_REPEAT})")
 
 
 class _MatchesNothing:

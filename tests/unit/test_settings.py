@@ -351,6 +351,10 @@ def test_default_gw_interface_matching_the_pattern_is_a_notice():
         ("^e[[x]$", ["e[", "ex"], ["e]"]),
         # Go takes these, and Python's re would not:
         (r"^\x{65}th1$", ["eth1"], ["xth1"]),
+        # Braces that are literal text are no repeat counts, however large their number:
+        (r"^eth\{2000}$", ["eth{2000}"], ["eth"]),
+        (r"^eth[{2000}]$", ["eth{", "eth2"], ["eth"]),
+        (r"^\Qeth{2000}\E$", ["eth{2000}"], ["eth"]),
         (r"^(?U)eth1$", ["eth1"], ["eth2"]),
         (r"^\pLth1$", ["eth1"], ["1th1"]),
     ],
