@@ -324,8 +324,8 @@ def load(environ: Mapping[str, str], *, require: bool = True) -> tuple[Settings,
     """Parse the environment. Returns settings and notices; raises SettingsError listing every problem
     (and carrying the notices, so a typo's "did you mean" hint is shown beside the error it caused).
 
-    `require=False` lets commands that need no interface selection (cleanup) run without the
-    settings a running daemon must have; a missing pattern then selects no interface.
+    `require=False` accepts a missing pattern, which then selects no interface (load_subset()
+    uses it for cleanup, which reads only the settings it needs).
     """
     settings, notices, _ = _load(environ, require=require, used=None)
     return settings, notices
