@@ -212,6 +212,13 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+# The API server's own form, taken as it is up to day 28; later days go through the parse,
+# which refuses 30 February.
+_CANONICAL_TIME = re.compile(
+    r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]Z"
+)
+
+
 def _timestamp(value: Any) -> str | None:
     """The time as the API server writes it (UTC, whole seconds, "Z"), so that comparing the
     text compares the times; "" when unset, None when it is no time. The API server always
@@ -219,6 +226,8 @@ def _timestamp(value: Any) -> str | None:
     if value is None or value == "":
         return ""
     if isinstance(value, str):
+        if _CANONICAL_TIME.fullmatch(value) and value[8:10] <= "28":  # as the API server writes it
+            return value
         try:
             value = datetime.datetime.fromisoformat(value)
         except ValueError:
