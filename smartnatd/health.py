@@ -214,7 +214,9 @@ class Monitor:
                 logger.warning("monitor connections at the limit, refusing more limit=%d", self._max_connections)
                 self._refusing = True
             return _Refused()
-        if self._refusing:
+        if self._refusing and len(server.connections) < self._max_connections // 2:
+            # Half the limit, not one below it: a flood holding it at the limit would otherwise
+            # log a refusing/recovered pair on every connection.
             logger.info("monitor connections below the limit again limit=%d", self._max_connections)
             self._refusing = False
         return server()

@@ -195,8 +195,11 @@ class KubeWriteback:
             except Exception as err:  # a bug or a status shape nobody foresaw: this Mapping only
                 text = f"{type(err).__name__}: {err}"
                 if self._broken.get(verdict.key) != text:
+                    # The traceback once per kind of error: a bug every Mapping hits would log
+                    # 10k of them at a start.
+                    first = text not in self._broken.values()
                     self._broken[verdict.key] = text
-                    logger.warning("status write-back skipped mapping %s: %s", verdict.key, text, exc_info=True)
+                    logger.warning("status write-back skipped mapping %s: %s", verdict.key, text, exc_info=first)
             else:
                 self._broken.pop(verdict.key, None)
 

@@ -352,6 +352,24 @@ async def test_a_surprise_in_one_mapping_is_logged_once_and_the_others_are_writt
     assert len(skipped) == 1 and skipped[0].levelno == logging.WARNING and skipped[0].exc_info
 
 
+async def test_a_surprise_every_mapping_hits_logs_one_traceback(
+        kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ('a', 'b', 'c'):
+        await echo_cluster(kube_api, name=name, addresses=('203.0.113.5',), port={'a': 80, 'b': 81, 'c': 82}[name])
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+
+    def exploding(**kw: Any) -> Any:  # a bug every Mapping's status hits
+        raise RuntimeError('surprise')
+
+    monkeypatch.setattr(status_mod, 'compute', exploding)
+    await ap1.sync()
+    skipped = [r for r in caplog.records if 'status write-back skipped mapping' in r.getMessage()]
+    assert len(skipped) == 3  # each Mapping named once...
+    assert sum(1 for r in skipped if r.exc_info) == 1  # ...with one traceback for the one bug
+
+
 async def test_a_malformed_status_is_overwritten_not_fatal(kube_api: KubeEmulator, appliances: Any) -> None:
     await echo_cluster(kube_api)
     await kube_api.patch_object(MAPPINGS, 'echo', {'status': {'conditions': [{'type': ['Ready']}, 5]}},
