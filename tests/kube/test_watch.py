@@ -251,13 +251,19 @@ async def test_a_missing_crd_or_permission_is_retried_at_backoff_without_crashin
         task.cancel()
 
 
-async def test_in_stream_errors_back_off_growing_and_are_logged_once(
-        kube_api: KubeEmulator, kube_client: ApiClient, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger='smartnatd.kube.watch')
+def backing_off_watcher(kube_client: ApiClient) -> tuple[Store, ManualSleep, Watcher]:
+    """A Mappings watcher whose sleeps the test releases, backing off 0.5 s doubling to 4 s."""
     store = Store(expect={Kind.MAPPINGS})
     sleeps = ManualSleep()
     watcher = Watcher(resource=mappings_resource(kube_client), store=store, sleep=sleeps,
                       backoff=Backoff(base=0.5, cap=4.0, rng=random.Random(1)))
+    return store, sleeps, watcher
+
+
+async def test_in_stream_errors_back_off_growing_and_are_logged_once(
+        kube_api: KubeEmulator, kube_client: ApiClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger='smartnatd.kube.watch')
+    store, sleeps, watcher = backing_off_watcher(kube_client)
     await watcher.relist()
     caplog.clear()
     # Each watch request is answered (200) and then ends with an ERROR event.
@@ -285,10 +291,7 @@ async def test_in_stream_errors_back_off_growing_and_are_logged_once(
 async def test_a_watch_that_ends_at_once_without_events_backs_off(
         kube_api: KubeEmulator, kube_client: ApiClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger='smartnatd.kube.watch')
-    store = Store(expect={Kind.MAPPINGS})
-    sleeps = ManualSleep()
-    watcher = Watcher(resource=mappings_resource(kube_client), store=store, sleep=sleeps,
-                      backoff=Backoff(base=0.5, cap=4.0, rng=random.Random(1)))
+    store, sleeps, watcher = backing_off_watcher(kube_client)
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(watcher.run())
         for _ in range(4):
@@ -323,10 +326,7 @@ async def test_http_410_when_opening_a_watch_relists(kube_api: KubeEmulator, kub
 
 
 async def test_repeated_http_410_after_listing_backs_off(kube_api: KubeEmulator, kube_client: ApiClient) -> None:
-    store = Store(expect={Kind.MAPPINGS})
-    sleeps = ManualSleep()
-    watcher = Watcher(resource=mappings_resource(kube_client), store=store, sleep=sleeps,
-                      backoff=Backoff(base=0.5, cap=4.0, rng=random.Random(1)))
+    store, sleeps, watcher = backing_off_watcher(kube_client)
     kube_api.fail_next(4, status=410, verb='watch', resource=MAPPINGS, in_stream=False)
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(watcher.run())

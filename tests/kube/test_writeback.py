@@ -279,12 +279,17 @@ async def test_a_verdict_planned_from_an_older_generation_is_not_written(
     assert [e[1] for e in events(kube_api)] == ['Configured']
 
 
-async def test_a_refused_write_stops_the_batch_backs_off_and_is_logged_once(
-        kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture) -> None:
+async def not_local_mappings(kube_api: KubeEmulator, count: int) -> None:
+    """m00, m01, ... on another appliance's address: ap1 writes their status only, no finalizer."""
     await kube_api.create_object(SERVICES, service_body())
     await kube_api.create_object(ENDPOINTSLICES, slice_body())
-    for i in range(40):  # NotLocal on ap1: status only, no finalizer
+    for i in range(count):
         await kube_api.create_object(MAPPINGS, mapping_body(f'm{i:02}', addresses=('203.0.113.5',), port=1000 + i))
+
+
+async def test_a_refused_write_stops_the_batch_backs_off_and_is_logged_once(
+        kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture) -> None:
+    await not_local_mappings(kube_api, 40)
     ap1 = await appliances('ap1')
     await caught_up(kube_api, ap1)
     refused = kube_api.fail_next(10_000, status=403, verb='patch', resource=MAPPINGS, subresource='status',
@@ -309,10 +314,7 @@ async def test_a_refused_write_stops_the_batch_backs_off_and_is_logged_once(
 
 async def test_a_write_refused_for_one_mapping_does_not_hold_up_the_others(
         kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture) -> None:
-    await kube_api.create_object(SERVICES, service_body())
-    await kube_api.create_object(ENDPOINTSLICES, slice_body())
-    for i in range(5):  # NotLocal on ap1: status only, no finalizer
-        await kube_api.create_object(MAPPINGS, mapping_body(f'm{i:02}', addresses=('203.0.113.5',), port=1000 + i))
+    await not_local_mappings(kube_api, 5)
     ap1 = await appliances('ap1')
     await caught_up(kube_api, ap1)
     # m00 sorts first: a 422 for it alone (its object breaks a webhook's rule, say).
