@@ -7,6 +7,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import pytest
 from aiohttp import web
@@ -149,6 +150,28 @@ async def test_a_scrape_that_hangs_up_does_not_cancel_the_reading_others_wait_fo
     counters.release.set()
     status, body = await waiting
     assert status == 200 and b"ns-a/web" in body and counters.reads == 1
+
+
+async def test_healthcheck_answers_with_the_healthz_status_and_sentence_without_the_state(serve) -> None:
+    """SmartNat's path keeps /healthz's status code; its body is the sentence after "ok: ",
+    "starting: ", "degraded: " or "unhealthy: ", without a newline."""
+    clock = Clock()
+    published = Published(clock)
+    port = await serve(monitor_app(counters=None, clock=clock, health=published))
+    served = "3 endpoints served; 2 Configured"
+    ready = Health(started=clock.now, ready=True, last_success_monotonic=clock.now,
+                   verdicts={"Configured": 2}, endpoints=3)
+    cases = [
+        (Health(started=clock.now), 200, "starting", "waiting for the first pass"),
+        (ready, 200, "ok", f"ready; {served}"),
+        (replace(ready, consecutive_failures=2, last_error="nft rejected it"), 200, "degraded",
+         f"last 2 passes failed: nft rejected it; the kernel keeps the last applied state ({served})"),
+        (replace(ready, loop_heartbeat=clock.now - 31), 503, "unhealthy", "reconcile loop stalled for 31s"),
+    ]
+    for health, status, state, sentence in cases:
+        published.health = health
+        assert await get(port, "/healthz") == (status, f"{state}: {sentence}\n".encode())
+        assert await get(port, "/healthcheck") == (status, sentence.encode())
 
 
 async def test_connections_beyond_the_limit_are_refused_until_one_closes(serve, caplog) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -368,6 +370,38 @@ def test_describe_failure_names_the_line_and_renames_the_source() -> None:
         "Could not process rule: No such file or directory"
     )
     assert failure.details.startswith("transaction:3:19-19: Error:")
+
+
+def test_a_repeated_failure_is_a_warning_once_per_episode_and_every_transaction_is_saved(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At warning when a failure starts, when nft's message changes and after a success; at
+    debug while the same one repeats (the retries of a pass would log it every few seconds)."""
+    error = tmp_path / "error"
+    fake = tmp_path / "nft"  # fails with the text in `error` while that file exists
+    fake.write_text(f"#!/bin/sh\ncat >/dev/null\n[ -f {error} ] || exit 0\ncat {error} >&2\nexit 1\n")
+    fake.chmod(0o755)
+    runner = ProcessRunner(netns=None, nft=str(fake), state_dir=tmp_path / "state")
+    caplog.set_level(logging.DEBUG, logger="smartnatd.nft.runner")
+    enoent = "Error: Could not process rule: No such file or directory\n"
+    eexist = "Error: Could not process rule: File exists\n"
+    for stderr in (enoent, enoent, eexist, "", eexist):
+        if stderr:
+            error.write_text(stderr)
+            with pytest.raises(NftError):
+                runner.run("add table ip t\n")
+        else:
+            error.unlink()
+            runner.run("add table ip t\n")
+    logged = [
+        (r.levelname, match[1], "saved=-" not in r.getMessage())
+        for r in caplog.records
+        if (match := re.search(r"nft transaction failed .*errno=(\w+)", r.getMessage()))
+    ]
+    assert logged == [
+        ("WARNING", "ENOENT", True), ("DEBUG", "ENOENT", True), ("WARNING", "EEXIST", True), ("WARNING", "EEXIST", True)
+    ]
+    assert len(list((tmp_path / "state").glob("failed-*.nft"))) == 4
 
 
 def test_parse_element_counters_reads_sets_and_maps() -> None:
