@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -26,7 +27,7 @@ from smartnatd.model import (
     Snapshot,
 )
 from smartnatd import sourcedir
-from smartnatd.sourcedir import SourceDir, load_source_dir
+from smartnatd.sourcedir import SourceCache, SourceDir, load_source_dir
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
 
@@ -353,3 +354,39 @@ def test_yaml_is_read_with_libyaml_and_builds_what_safe_load_builds(tmp_path: Pa
     )
     (tmp_path / "corners.yaml").write_text(text, encoding="utf-8")
     assert list(yaml.load_all(text, Loader=sourcedir._LOADER)) == list(yaml.safe_load_all(text))
+
+
+def test_cache_parses_again_only_the_files_whose_stamp_changed(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", service_yaml("a", "10.96.0.1"))
+    write(tmp_path, "b.yaml", service_yaml("b", "10.96.0.2"))
+    cache = SourceCache()
+    first = load_source_dir(tmp_path, cache=cache)
+    assert first == load_source_dir(tmp_path)
+    # The same size and mtime with other bytes: the cache keeps what it read (so this shows
+    # a.yaml was not parsed again); the daemon's change detection uses the same stamp.
+    a = tmp_path / "a.yaml"
+    st = a.stat()
+    a.write_text(a.read_text().replace("10.96.0.1", "10.96.0.9"), encoding="utf-8")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    write(tmp_path, "b.yaml", service_yaml("b", "10.96.0.3"))
+    second = load_source_dir(tmp_path, cache=cache)
+    assert {s.key.name: str(s.cluster_ip) for s in second.services} == {"a": "10.96.0.1", "b": "10.96.0.3"}
+    # A file that goes away takes its objects and its cache entry with it.
+    (tmp_path / "b.yaml").unlink()
+    assert [s.key.name for s in load_source_dir(tmp_path, cache=cache).services] == ["a"]
+    assert set(cache.files) == {"a.yaml"}
+
+
+def test_cache_keeps_reporting_duplicates_and_rereads_unreadable_files(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", service_yaml("same"))
+    write(tmp_path, "b.yaml", service_yaml("same"))
+    (tmp_path / "c.yaml").write_text("kind: [\n", encoding="utf-8")
+    cache = SourceCache()
+    for _ in range(2):  # the second time a.yaml and b.yaml come from the cache
+        source = load_source_dir(tmp_path, cache=cache)
+        assert source == load_source_dir(tmp_path)
+        assert any("replaces the one in a.yaml: document 1" in p for p in source.problems)
+        assert source.unreadable == ("c.yaml",)
+    assert set(cache.files) == {"a.yaml", "b.yaml"}
+    (tmp_path / "c.yaml").write_text(service_yaml("fixed"), encoding="utf-8")
+    assert load_source_dir(tmp_path, cache=cache).unreadable == ()
