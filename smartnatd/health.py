@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -60,6 +61,37 @@ class SharedReading:
             future.exception()  # retrieved: it reaches the waiters, if any are left
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """What /healthz and /healthcheck answer, decided once for both."""
+
+    healthy: bool
+    state: str  # ok, starting, degraded or unhealthy
+    sentence: str  # why, e.g. "ready; 3 endpoints served; 2 Configured"
+
+    @property
+    def status(self) -> int:
+        return 200 if self.healthy else 503
+
+
+def liveness(h: Health, *, now: float, max_pass_age: float, max_loop_stall: float) -> Liveness:
+    if h.loop_heartbeat and now - h.loop_heartbeat > max_loop_stall:
+        return Liveness(False, "unhealthy", f"reconcile loop stalled for {now - h.loop_heartbeat:.0f}s")
+    if not h.ready:
+        # Starting up, even with failing passes, is healthy for max_pass_age; /readyz says
+        # whether it is serving yet.
+        age = now - h.started
+        if age > max_pass_age:
+            return Liveness(False, "unhealthy", f"no successful pass in {age:.0f}s: {h.waiting()}")
+        return Liveness(True, "degraded" if h.consecutive_failures else "starting", h.waiting())
+    age = now - (h.last_success_monotonic or h.started)
+    if age > max_pass_age:
+        return Liveness(False, "unhealthy", f"last successful pass {age:.0f}s ago: {h.last_error or 'no pass since'}")
+    if h.consecutive_failures:
+        return Liveness(True, "degraded", h.failing())  # what Health.summary() says after "degraded: "
+    return Liveness(True, "ok", h.summary())
+
+
 def build_app(
     *,
     health: Callable[[], Health],
@@ -68,29 +100,12 @@ def build_app(
     max_loop_stall: float,
     clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
-    def check() -> tuple[bool, str]:
-        """(healthy, body). The body starts with the state: ok, starting, degraded or unhealthy."""
-        h = health()
-        now = clock()
-        if h.loop_heartbeat and now - h.loop_heartbeat > max_loop_stall:
-            return False, f"unhealthy: reconcile loop stalled for {now - h.loop_heartbeat:.0f}s"
-        if not h.ready:
-            # Starting up, even with failing passes, is healthy for max_pass_age; /readyz says
-            # whether it is serving yet.
-            age = now - h.started
-            if age > max_pass_age:
-                return False, f"unhealthy: no successful pass in {age:.0f}s: {h.waiting()}"
-            return True, ("degraded: " if h.consecutive_failures else "starting: ") + h.waiting()
-        age = now - (h.last_success_monotonic or h.started)
-        if age > max_pass_age:
-            return False, f"unhealthy: last successful pass {age:.0f}s ago: {h.last_error or 'no pass since'}"
-        if h.consecutive_failures:
-            return True, h.summary()  # "degraded: last N passes failed: …"
-        return True, "ok: " + h.summary()
+    def check() -> Liveness:
+        return liveness(health(), now=clock(), max_pass_age=max_pass_age, max_loop_stall=max_loop_stall)
 
     async def healthz(_: web.Request) -> web.Response:
-        ok, body = check()
-        return web.Response(status=200 if ok else 503, text=body + "\n")
+        state = check()
+        return web.Response(status=state.status, text=f"{state.state}: {state.sentence}\n")
 
     async def readyz(_: web.Request) -> web.Response:
         h = health()
@@ -100,8 +115,8 @@ def build_app(
 
     async def healthcheck(_: web.Request) -> web.Response:
         # SmartNat answered its heartbeat text; monitors only looked at 200 vs not.
-        ok, body = check()
-        return web.Response(status=200 if ok else 503, text=body.split(": ", 1)[1])
+        state = check()
+        return web.Response(status=state.status, text=state.sentence)
 
     async def status(_: web.Request) -> web.Response:
         h = health()
