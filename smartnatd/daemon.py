@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from smartnatd import __version__, logs
 from smartnatd.dataplane import ApplyReport, Dataplane
@@ -84,12 +85,25 @@ def _state_dir(settings: Settings) -> Path | None:
         return None
 
 
+class SourceState(Protocol):
+    """How a source is doing, for smartnat_source_up and STATUS= while waiting: each Kubernetes
+    watch (kube.watch.Watcher) or the --source directory (SourceDirState)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def up(self) -> bool: ...  # listed (or read) once and not failing now
+    @property
+    def problem(self) -> str: ...  # why it is failing, "" when fine
+
+
 @dataclass
 class SourceDirState:
-    """How the file source is doing, for smartnat_source_up and STATUS= while waiting."""
+    """The --source directory's SourceState, kept up to date by watch_source_dir."""
 
     up: bool = False
     problem: str = ""
+    name: str = "directory"
 
 
 async def _main(*, settings: Settings, source: Path | None, netns: str | None) -> int:
@@ -122,7 +136,9 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
     )
     await dataplane.open()
     writeback: Writeback
+    watched: Sequence[SourceState]
     kube = None
+    dir_state = SourceDirState()
     if source is None:
         from smartnatd.kube.client import KubeSource
 
@@ -133,24 +149,16 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
                 logger.critical("%s", problem)
             await dataplane.close()
             return err.exit_code
-        writeback = kube.writeback
+        writeback, watched = kube.writeback, kube.watchers
     else:
-        writeback = LogWriteback()
-    dir_state = SourceDirState()
+        writeback, watched = LogWriteback(), (dir_state,)
     host_watcher: HostWatcher
 
     def sources_up() -> dict[str, bool]:
-        up = {"host": host_watcher.host is not None}
-        if source is not None:
-            up["directory"] = dir_state.up
-        elif kube is not None:
-            up.update((w.name, w.up) for w in kube.watchers)
-        return up
+        return {"host": host_watcher.host is not None, **{s.name: s.up for s in watched}}
 
     def source_problems() -> dict[str, str]:
-        if source is not None:
-            return {"directory": dir_state.problem}
-        return {w.name: w.problem for w in kube.watchers} if kube is not None else {}
+        return {s.name: s.problem for s in watched}
 
     metrics = Metrics(
         health=lambda: reconciler.health, counters=nft_counter_reader(dataplane.runner), sources=sources_up
