@@ -110,8 +110,7 @@ class LibraryRunner:
         self, *, netns: str | None, state_dir: pathlib.Path | None = None, library: ctypes.CDLL | None = None
     ) -> None:
         self.netns = netns
-        self.state_dir = state_dir
-        self._failing = ""  # the message of the failure under way, logged at warning once
+        self._outcomes = _Outcomes(backend=self.backend, state_dir=state_dir)
         self._lock = threading.Lock()
         self._context = Context(netns=netns, library=library)
 
@@ -151,13 +150,8 @@ class LibraryRunner:
             result, source = self._context.run_file(text, dry_run=dry_run)
             took = time.monotonic() - started
         if result.rc != 0:
-            failure = describe_failure(error=result.error, text=text, source=source)
-            repeated, self._failing = failure.message == self._failing, failure.message
-            raise _failed(
-                failure, text=text, backend=self.backend, state_dir=self.state_dir, dry_run=dry_run, repeated=repeated
-            )
-        self._failing = ""
-        _log_done(text=text, took=took, backend=self.backend, dry_run=dry_run, warnings=result.error)
+            raise self._outcomes.failed(text=text, dry_run=dry_run, error=result.error, source=source)
+        self._outcomes.succeeded(text=text, dry_run=dry_run, took=took, warnings=result.error)
 
 
 class ProcessRunner:
@@ -174,9 +168,8 @@ class ProcessRunner:
         timeout: float = PROCESS_TIMEOUT,
     ) -> None:
         self.netns = netns
-        self.state_dir = state_dir
         self.timeout = timeout
-        self._failing = ""  # the message of the failure under way, logged at warning once
+        self._outcomes = _Outcomes(backend=self.backend, state_dir=state_dir)
         binary = shutil.which(nft)
         if binary is None:
             raise NftError(f"{nft}: command not found: install the Debian package nftables", errno_name="ENOENT")
@@ -223,13 +216,8 @@ class ProcessRunner:
         completed = self._nft(["-c", "-f", "-"] if dry_run else ["-f", "-"], stdin=text)
         took = time.monotonic() - started
         if completed.returncode != 0:
-            failure = describe_failure(error=completed.stderr, text=text, source="/dev/stdin")
-            repeated, self._failing = failure.message == self._failing, failure.message
-            raise _failed(
-                failure, text=text, backend=self.backend, state_dir=self.state_dir, dry_run=dry_run, repeated=repeated
-            )
-        self._failing = ""
-        _log_done(text=text, took=took, backend=self.backend, dry_run=dry_run, warnings=completed.stderr)
+            raise self._outcomes.failed(text=text, dry_run=dry_run, error=completed.stderr, source="/dev/stdin")
+        self._outcomes.succeeded(text=text, dry_run=dry_run, took=took, warnings=completed.stderr)
 
     def _nft(self, args: Sequence[str], *, stdin: str = "") -> subprocess.CompletedProcess[str]:
         argv = [*self.command, *args]
@@ -347,46 +335,54 @@ def save_failed(
     return path
 
 
-def _failed(
-    failure: Failure, *, text: str, backend: str, state_dir: pathlib.Path | None, dry_run: bool, repeated: bool = False
-) -> NftError:
-    """Save the transaction (the newest KEEP_FAILED are kept) and log it: at warning when the
-    failure starts or its message changes, at debug while the same one repeats."""
-    saved = ""
-    if state_dir is not None:
-        try:
-            saved = str(save_failed(state_dir=state_dir, text=text, failure=failure, backend=backend))
-        except OSError as err:
-            # Saving is a diagnostic aid: report the nft error, not this one.
-            logger.log(
-                logging.DEBUG if repeated else logging.WARNING,
-                "cannot save failed nft transaction state_dir=%s error=%r", state_dir, str(err),
-            )
-    logger.log(
-        logging.DEBUG if repeated else logging.WARNING,
-        "nft transaction %s backend=%s errno=%s saved=%s error=%r",
-        "check failed" if dry_run else "failed",
-        backend,
-        failure.errno_name,
-        saved or "-",
-        failure.message,
-    )
-    return NftError(failure.message, errno_name=failure.errno_name, saved_path=saved)
+class _Outcomes:
+    """What both runners do with a transaction's outcome. A failure is classified, saved (the
+    newest KEEP_FAILED are kept) and logged: at warning when it starts or its message changes,
+    at debug while the same one repeats, so a pass retried every few seconds logs it once. A
+    success ends the episode and is logged at debug."""
 
+    def __init__(self, *, backend: str, state_dir: pathlib.Path | None) -> None:
+        self._backend = backend
+        self._state_dir = state_dir
+        self._failing = ""  # the message of the failure under way
 
-def _log_done(*, text: str, took: float, backend: str, dry_run: bool, warnings: str) -> None:
-    if logger.isEnabledFor(logging.DEBUG):
-        lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
-        logger.debug(
-            "nft transaction %s backend=%s lines=%d bytes=%d took=%.3fs",
-            "checked" if dry_run else "applied",
-            backend,
-            lines,
-            len(text.encode()),
-            took,
+    def failed(self, *, text: str, dry_run: bool, error: str, source: str) -> NftError:
+        """The NftError to raise for nft's `error` output; `source` as describe_failure takes it."""
+        failure = describe_failure(error=error, text=text, source=source)
+        level = logging.DEBUG if failure.message == self._failing else logging.WARNING
+        self._failing = failure.message
+        saved = ""
+        if self._state_dir is not None:
+            try:
+                saved = str(save_failed(state_dir=self._state_dir, text=text, failure=failure, backend=self._backend))
+            except OSError as err:
+                # Saving is a diagnostic aid: report the nft error, not this one.
+                logger.log(level, "cannot save failed nft transaction state_dir=%s error=%r", self._state_dir, str(err))
+        logger.log(
+            level,
+            "nft transaction %s backend=%s errno=%s saved=%s error=%r",
+            "check failed" if dry_run else "failed",
+            self._backend,
+            failure.errno_name,
+            saved or "-",
+            failure.message,
         )
-        if warnings.strip():
-            logger.debug("nft printed on success backend=%s output=%r", backend, warnings.strip())
+        return NftError(failure.message, errno_name=failure.errno_name, saved_path=saved)
+
+    def succeeded(self, *, text: str, dry_run: bool, took: float, warnings: str) -> None:
+        self._failing = ""
+        if logger.isEnabledFor(logging.DEBUG):
+            lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
+            logger.debug(
+                "nft transaction %s backend=%s lines=%d bytes=%d took=%.3fs",
+                "checked" if dry_run else "applied",
+                self._backend,
+                lines,
+                len(text.encode()),
+                took,
+            )
+            if warnings.strip():
+                logger.debug("nft printed on success backend=%s output=%r", self._backend, warnings.strip())
 
 
 def _classify(reason: str) -> str:
