@@ -21,9 +21,10 @@ from typing import Protocol
 
 from smartnatd.dataplane import ApplyReport, Dataplane
 from smartnatd.errors import DataplaneError
-from smartnatd.planner import IncrementalPlanner, Plan, Verdict
+from smartnatd.planner import IncrementalPlanner, Plan
 from smartnatd.settings import Settings
 from smartnatd.store import Store
+from smartnatd.transitions import log_transitions
 
 logger = logging.getLogger(__name__)
 
@@ -310,26 +311,8 @@ async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> boo
         await asyncio.gather(*waiters, return_exceptions=True)
 
 
-def verdict_changed(before: Verdict | None, after: Verdict) -> bool:
-    return before is None or (before.kind, before.reason) != (after.kind, after.reason)
-
-
 class LogWriteback:
-    """Write-back for the file source: verdict transitions go to the log, once each.
-
-    At the first publish a Configured Mapping is logged at debug level only: the reconciler's
-    `mappings at start:` line counts them, and 10,000 lines saying "Configured" help nobody."""
+    """Write-back for the file source: verdict transitions go to the log, once each."""
 
     async def publish(self, plan: Plan, *, previous: Plan | None) -> None:
-        before = {v.key: v for v in previous.verdicts} if previous else {}
-        for v in plan.verdicts:
-            if not verdict_changed(before.get(v.key), v):
-                continue
-            if previous is None and v.kind == "Configured":
-                level = logging.DEBUG
-            else:
-                level = logging.INFO if v.ok or v.kind == "Deleting" else logging.WARNING
-            logger.log(level, "mapping %s %s: %s", v.key, v.kind, v.reason)
-        now = {v.key for v in plan.verdicts}
-        for key in sorted(set(before) - now):
-            logger.info("mapping %s removed", key)
+        log_transitions(plan, previous, log=logger)

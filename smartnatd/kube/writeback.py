@@ -46,6 +46,7 @@ from smartnatd.kube.objects import API_VERSION, FINALIZER, GROUP, KIND, PLURAL, 
 from smartnatd.model import ObjectKey
 from smartnatd.planner import Plan, Verdict, VerdictKind
 from smartnatd.settings import Settings
+from smartnatd.transitions import log_transitions
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class KubeWriteback:
     # --- the Writeback protocol --------------------------------------------------------
 
     async def publish(self, plan: Plan, *, previous: Plan | None) -> None:
-        _log_transitions(plan, previous)
+        log_transitions(plan, previous, log=logger)
         before = {v.key: v for v in previous.verdicts} if previous else {}
         touched = self._cache.take_changed() | self._retry
         self._retry = set()
@@ -465,23 +466,3 @@ def _same_object(verdict: Verdict, raw: Raw) -> bool:
 def _finalizers(obj: Raw) -> list[str]:
     finalizers = _meta(obj).get("finalizers")
     return [f for f in finalizers if isinstance(f, str)] if isinstance(finalizers, list) else []
-
-
-def _log_transitions(plan: Plan, previous: Plan | None) -> None:
-    """A problem is logged when it starts and when it clears, never at every pass."""
-    before = {v.key: v for v in previous.verdicts} if previous else {}
-    for v in plan.verdicts:
-        old = before.get(v.key)
-        if old is not None and (old.kind, old.reason) == (v.kind, v.reason):
-            continue
-        problem = not v.ok and v.kind != VerdictKind.DELETING
-        if problem:
-            logger.warning("mapping %s %s: %s", v.key, v.event_reason, v.reason)
-        elif old is not None and not old.ok and old.kind != VerdictKind.DELETING:
-            logger.info("mapping %s problem cleared (%s); now %s: %s", v.key, old.event_reason, v.kind, v.reason)
-        elif v.kind == VerdictKind.NOT_LOCAL:
-            logger.debug("mapping %s %s: %s", v.key, v.kind, v.reason)
-        else:
-            logger.log(logging.DEBUG if previous is None else logging.INFO, "mapping %s %s: %s", v.key, v.kind, v.reason)
-    for key in sorted(set(before) - {v.key for v in plan.verdicts}):
-        logger.info("mapping %s removed", key)

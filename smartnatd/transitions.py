@@ -1,0 +1,37 @@
+"""Verdict transitions to the log, once each: what both write-backs (cluster and file source) say.
+
+A problem is logged when it starts, with its Event reason, at warning level, and when it clears
+(`problem cleared (…); now …`) at info level, never at every pass. Other changes are logged at
+info level, NotLocal ones at debug level only, and at the first publish after a start nothing
+but problems: the reconciler's `mappings at start:` line counts the rest, and 10,000 lines
+saying "Configured" help nobody. Each caller passes its own logger, so the lines keep the
+logger name they have always had (smartnatd.kube.writeback, smartnatd.reconciler).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from smartnatd.planner import Plan, Verdict, VerdictKind
+
+
+def log_transitions(plan: Plan, previous: Plan | None, *, log: logging.Logger) -> None:
+    before = {v.key: v for v in previous.verdicts} if previous else {}
+    for v in plan.verdicts:
+        old = before.get(v.key)
+        if old is not None and (old.kind, old.reason) == (v.kind, v.reason):
+            continue
+        if _problem(v):
+            log.warning("mapping %s %s: %s", v.key, v.event_reason, v.reason)
+        elif old is not None and _problem(old):
+            log.info("mapping %s problem cleared (%s); now %s: %s", v.key, old.event_reason, v.kind, v.reason)
+        elif v.kind == VerdictKind.NOT_LOCAL:
+            log.debug("mapping %s %s: %s", v.key, v.kind, v.reason)
+        else:
+            log.log(logging.DEBUG if previous is None else logging.INFO, "mapping %s %s: %s", v.key, v.kind, v.reason)
+    for key in sorted(set(before) - {v.key for v in plan.verdicts}):
+        log.info("mapping %s removed", key)
+
+
+def _problem(v: Verdict) -> bool:
+    return not v.ok and v.kind != VerdictKind.DELETING
