@@ -14,7 +14,7 @@ current status (MappingCache) and writes the difference, if any:
   logged once and skipped, never the end of the daemon.
 * Events: on transitions only, posted after the patch recording them succeeded, so a restart
   (whose status already shows the state) or a second appliance (whose patch lost the
-  resourceVersion race) posts none. Explicit names; an AlreadyExists is a duplicate.
+  resourceVersion race) posts none. A repeat of a recent one patches its count (kube/events.py).
 * finalizer: added (merge patch of the list, resourceVersion precondition) once this appliance
   serves the Mapping and never while it is being deleted. When it is deleted, each appliance
   drops its entry after its kernel dropped the Mapping; entries of appliances whose Lease
@@ -27,8 +27,6 @@ current status (MappingCache) and writes the difference, if any:
 from __future__ import annotations
 
 import asyncio
-import datetime
-import hashlib
 import logging
 import random
 import time
@@ -41,8 +39,9 @@ from smartnatd.errors import KubeApiError
 from smartnatd.kube import status as status_mod
 from smartnatd.kube.api import JSON_PATCH, MERGE_PATCH, call
 from smartnatd.kube.cache import MappingCache, Raw
+from smartnatd.kube.events import EventRecorder, rfc3339
 from smartnatd.kube.lease import LeaseState, Leases, parse_time
-from smartnatd.kube.objects import API_VERSION, FINALIZER, GROUP, KIND, PLURAL, VERSION
+from smartnatd.kube.objects import FINALIZER, GROUP, PLURAL, VERSION
 from smartnatd.model import ObjectKey
 from smartnatd.planner import Plan, Verdict, VerdictKind
 from smartnatd.settings import Settings
@@ -53,11 +52,6 @@ logger = logging.getLogger(__name__)
 CONCURRENCY = 16  # writes in flight at once (the first pass after a start may write thousands)
 RETRY_MIN = 0.5
 RETRY_MAX = 30.0
-COMPONENT = "smartnatd"
-
-
-def rfc3339(when: float) -> str:
-    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Timer:
@@ -110,7 +104,7 @@ class KubeWriteback:
         rng: random.Random | None = None,
     ) -> None:
         self._custom = CustomObjectsApi(api_client)
-        self._core = CoreV1Api(api_client)
+        self.events = EventRecorder(core=CoreV1Api(api_client), instance=settings.instance_name)
         self._cache = cache
         self._leases = leases
         self._instance = settings.instance_name
@@ -245,7 +239,7 @@ class KubeWriteback:
             if written is _RETRY:
                 continue
             for event in change.events:
-                await self._post_event(written, event, now)
+                await self.events.post(written, event, now)
             return
 
     async def _write_status(
@@ -391,7 +385,7 @@ class KubeWriteback:
                 f"{' and '.join(holders)} did not confirm removing the Mapping within "
                 f"SNCTRLR_MAX_FINALIZE_WAIT_MINUTES={minutes}; finalizer removed anyway"
             )
-            await self._post_event(raw, status_mod.Event("Warning", status_mod.FINALIZER_TIMEOUT, message), now)
+            await self.events.post(raw, status_mod.Event("Warning", status_mod.FINALIZER_TIMEOUT, message), now)
             await self._remove_finalizer(key, raw)
             logger.warning("mapping %s: %s", key, message)
             return
@@ -409,42 +403,6 @@ class KubeWriteback:
                 logger.debug("lease of appliance %s unreadable: %s", instance, err)
                 self._leases_seen[instance] = None
         return self._leases_seen[instance]
-
-    async def _post_event(self, obj: Raw, event: status_mod.Event, now: float) -> None:
-        meta = _meta(obj)
-        name, namespace = str(meta.get("name")), str(meta.get("namespace"))
-        stamp = rfc3339(now)
-        # The write that recorded the transition (its resourceVersion) makes the name unique.
-        identity = [str(meta.get("uid")), str(meta.get("resourceVersion")), self._instance, event.reason, stamp]
-        digest = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{name[:230]}.{digest}", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "name": name,
-                "namespace": namespace,
-                "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "type": event.type,
-            "source": {"component": COMPONENT, "host": self._instance},
-            "reportingComponent": COMPONENT,
-            "reportingInstance": self._instance,
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
-        try:
-            await call(self._core.create_namespaced_event, namespace, body)
-        except KubeApiError as err:
-            if err.status != 409:  # 409: the same Event exists already
-                # Best effort: a late Event would be out of order, so it is not retried.
-                logger.warning("event %s on mapping %s/%s not posted: %s", event.reason, namespace, name, err)
 
 
 _RETRY: Any = object()

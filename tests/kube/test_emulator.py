@@ -110,6 +110,27 @@ async def test_event_with_generate_name_gets_a_name_and_the_url_namespace(
     assert sent.status == 201 and sent.body['metadata'] == {'generateName': 'm1.'}
 
 
+async def test_event_merge_patch_updates_count_and_a_deleted_event_answers_404(
+        kube_api: KubeEmulator, kube_client: ApiClient) -> None:
+    core = client.CoreV1Api(kube_client)
+    body = {'metadata': {'name': 'm1.0123456789abcdef'}, 'reason': 'Configured', 'message': 'served',
+            'type': 'Normal', 'count': 1, 'involvedObject': {'kind': 'Mapping', 'name': 'm1', 'namespace': NS},
+            'firstTimestamp': '2024-01-01T00:00:00Z', 'lastTimestamp': '2024-01-01T00:00:00Z'}
+    await core.create_namespaced_event(NS, body)
+    patch = {'count': 2, 'lastTimestamp': '2024-01-01T00:00:09Z'}
+    await core.patch_namespaced_event('m1.0123456789abcdef', NS, patch, _content_type=MERGE_PATCH)
+    stored = kube_api.current('events', 'm1.0123456789abcdef', namespace=NS)
+    assert stored is not None and (stored['count'], stored['lastTimestamp'], stored['message']) == (
+        2, '2024-01-01T00:00:09Z', 'served')
+    [sent] = kube_api.recorded(verb='patch', resource='events')
+    assert (sent.status, sent.content_type, sent.body) == (200, MERGE_PATCH, patch)
+
+    await kube_api.delete_object('events', 'm1.0123456789abcdef', namespace=NS)
+    with pytest.raises(ApiException) as err:
+        await core.patch_namespaced_event('m1.0123456789abcdef', NS, patch, _content_type=MERGE_PATCH)
+    assert err.value.status == 404
+
+
 async def test_lease_replace_succeeds_with_the_current_version_and_conflicts_when_stale(
         kube_api: KubeEmulator, kube_client: ApiClient) -> None:
     leases = client.CoordinationV1Api(kube_client)

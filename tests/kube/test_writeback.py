@@ -23,9 +23,11 @@ from kubernetes_asyncio.client import ApiClient, Configuration, CoordinationV1Ap
 from smartnatd.errors import KubeApiError
 from smartnatd.kube import status as status_mod
 from smartnatd.kube.client import KubeSource
+from smartnatd.kube.events import Budget, EventRecorder, Recent, event_name
 from smartnatd.kube.lease import Leases
 from smartnatd.kube.objects import FINALIZER
 from smartnatd.planner import Plan, plan
+from smartnatd.reconciler import LogWriteback
 from smartnatd.settings import Settings
 from smartnatd.store import Store
 from tests.builders import host
@@ -419,6 +421,171 @@ async def test_a_conflict_on_write_is_looked_at_again(kube_api: KubeEmulator, ap
     await ap1.sync()
     assert current(kube_api)['status']['appliances']['ap1']
     assert [e[1] for e in events(kube_api)] == ['Configured']
+
+
+# --- Events: repeats aggregated --------------------------------------------------------
+
+async def set_ready(kube_api: KubeEmulator, ready: bool) -> None:
+    """The one pod of echo goes ready or not ready (another client: the EndpointSlice controller)."""
+    await kube_api.patch_object(ENDPOINTSLICES, 'echo-1', {'endpoints': [
+        {'addresses': ['10.244.1.2'], 'conditions': {'ready': ready}}]}, namespace=NS)
+
+
+async def flap(kube_api: KubeEmulator, ap: Appliance, clock: Clock, times: int) -> list[Plan]:
+    """The pod goes not ready and ready again `times` times, a pass after each change, 5 s apart."""
+    plans = []
+    for _ in range(times):
+        for ready in (False, True):
+            clock.advance(5)
+            await set_ready(kube_api, ready)
+            await caught_up(kube_api, ap)
+            plans.append(await ap.sync())
+    return plans
+
+
+async def stored_events(kube_api: KubeEmulator) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The Event objects the API server holds, by (reason, message)."""
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for e in (await kube_api.list_objects(EVENTS, namespace=NS))['items']:
+        found.setdefault((e['reason'], e['message']), []).append(e)
+    return found
+
+
+CONFIGURED = ('Configured', 'appliance ap1 serves 192.0.2.10:80/tcp')
+NOT_READY = ('NoReadyEndpoints', 'Service demo/echo has no ready endpoints for port 80/TCP')
+
+
+async def test_a_flapping_mapping_makes_one_event_per_reason_and_message_with_a_count(
+        kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    await echo_cluster(kube_api)
+    ap1 = await appliances('ap1', clock=clock)
+    await caught_up(kube_api, ap1)
+    plans = [await ap1.sync()]
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    plans += await flap(kube_api, ap1, clock, 4)
+
+    stored = await stored_events(kube_api)
+    assert sorted(stored) == [CONFIGURED, NOT_READY]
+    [configured], [not_ready] = stored[CONFIGURED], stored[NOT_READY]
+    assert (configured['count'], not_ready['count']) == (5, 4)
+    for e in (configured, not_ready):
+        assert e['lastTimestamp'] > e['firstTimestamp']  # 5 s apart at least, second resolution
+    assert configured['lastTimestamp'] > not_ready['lastTimestamp']  # the pod ended ready, 5 s later
+    assert len(events(kube_api)) == 2  # created once each...
+    patches = kube_api.recorded(verb='patch', resource=EVENTS)
+    assert len(patches) == 7 and {(p.status, p.content_type) for p in patches} == {(200, MERGE_PATCH)}
+    assert set(patches[-1].body) == {'count', 'lastTimestamp'}  # ...and only the count moves
+
+    # The transitions are logged once each, in the same lines the file source's write-back writes.
+    kube_lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == 'smartnatd.kube.writeback']
+    assert kube_lines.count((logging.WARNING, 'mapping demo/echo NoReadyEndpoints: ' + NOT_READY[1])) == 4
+    assert kube_lines.count((logging.INFO, 'mapping demo/echo problem cleared (NoReadyEndpoints); now Configured: '
+                             'serving 192.0.2.10:80/tcp')) == 4
+    caplog.clear()
+    log_writeback = LogWriteback()
+    for previous, new in zip(plans, plans[1:]):
+        await log_writeback.publish(new, previous=previous)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == 'smartnatd.reconciler'] == kube_lines
+
+
+async def test_a_repeat_after_the_window_is_a_new_event(kube_api: KubeEmulator, appliances: Any) -> None:
+    clock = Clock()
+    await echo_cluster(kube_api)
+    ap1 = await appliances('ap1', clock=clock)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    await flap(kube_api, ap1, clock, 1)
+    clock.advance(11 * 60)  # past the 10 minutes since the last occurrence
+    await flap(kube_api, ap1, clock, 1)
+    stored = await stored_events(kube_api)
+    assert sorted((key, e['count']) for key, items in stored.items() for e in items) == [
+        (CONFIGURED, 1), (CONFIGURED, 2), (NOT_READY, 1), (NOT_READY, 1)]
+    assert len({e['metadata']['name'] for items in stored.values() for e in items}) == 4
+
+
+async def test_a_patch_answered_404_creates_the_event_again(kube_api: KubeEmulator, appliances: Any) -> None:
+    clock = Clock()
+    await echo_cluster(kube_api)
+    ap1 = await appliances('ap1', clock=clock)
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    [configured] = (await stored_events(kube_api))[CONFIGURED]
+    name = configured['metadata']['name']
+    await kube_api.delete_object(EVENTS, name, namespace=NS)  # as the API server's Event TTL does
+    await flap(kube_api, ap1, clock, 1)
+
+    [patch] = kube_api.recorded(verb='patch', resource=EVENTS)
+    assert (patch.name, patch.status) == (name, 404)
+    [again] = (await stored_events(kube_api))[CONFIGURED]
+    assert again['metadata']['name'] == name and again['count'] == 2
+    assert again['firstTimestamp'] == configured['firstTimestamp'] < again['lastTimestamp']
+
+
+def recorder_on(client: ApiClient, **kw: Any) -> EventRecorder:
+    from kubernetes_asyncio.client import CoreV1Api
+    return EventRecorder(core=CoreV1Api(client), instance='ap1', **kw)
+
+
+def a_mapping(name: str, rv: str = '1') -> dict[str, Any]:
+    return {'metadata': {'name': name, 'namespace': NS, 'uid': f'uid-{name}', 'resourceVersion': rv}}
+
+
+async def test_the_event_cache_is_bounded_and_forgets_the_least_recent(
+        kube_api: KubeEmulator, kube_client: ApiClient) -> None:
+    recorder = recorder_on(kube_client, recent=Recent(size=3))
+    event = status_mod.Event('Warning', 'NoReadyEndpoints', 'no ready endpoints')
+    now = Clock()()
+    for n in range(5):
+        await recorder.post(a_mapping(f'm{n}'), event, now)
+    assert len(recorder.recent) == 3
+    await recorder.post(a_mapping('m4', rv='2'), event, now + 1)  # remembered: patched
+    await recorder.post(a_mapping('m0', rv='2'), event, now + 1)  # forgotten: a new Event
+    assert [r.name.split('.')[0] for r in kube_api.recorded(verb='patch', resource=EVENTS)] == ['m4']
+    assert len(kube_api.recorded(verb='create', resource=EVENTS)) == 6
+    assert len(recorder.recent) == 3
+
+
+async def test_over_budget_repeats_are_counted_and_sent_with_the_next_patch(
+        kube_api: KubeEmulator, kube_client: ApiClient) -> None:
+    recorder = recorder_on(kube_client, budget=Budget(burst=2, refill=300))
+    event = status_mod.Event('Warning', 'NoReadyEndpoints', 'no ready endpoints')
+    now = Clock()()
+    for n in range(5):
+        await recorder.post(a_mapping('m', rv=str(n)), event, now + n)
+    assert len(kube_api.recorded(verb='create', resource=EVENTS)) == 1
+    assert [p.body['count'] for p in kube_api.recorded(verb='patch', resource=EVENTS)] == [2]
+    await recorder.post(a_mapping('m', rv='9'), event, now + 300)  # a token again
+    assert [p.body['count'] for p in kube_api.recorded(verb='patch', resource=EVENTS)] == [2, 6]
+
+
+async def test_without_rbac_to_patch_events_each_repeat_is_a_new_event_said_once(
+        kube_api: KubeEmulator, kube_client: ApiClient, caplog: pytest.LogCaptureFixture) -> None:
+    recorder = recorder_on(kube_client)
+    event = status_mod.Event('Normal', 'Configured', 'appliance ap1 serves 192.0.2.10:80/tcp')
+    now = Clock()()
+    kube_api.fail_next(1, status=403, verb='patch', resource=EVENTS)
+    for n in range(3):
+        await recorder.post(a_mapping('m', rv=str(n)), event, now + n)
+    assert len(kube_api.recorded(verb='patch', resource=EVENTS)) == 1
+    created = [r.body for r in kube_api.recorded(verb='create', resource=EVENTS) if r.status == 201]
+    assert len(created) == 3 and {c['count'] for c in created} == {1}
+    assert len({c['metadata']['name'] for c in created}) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and 'Apply etc/rbac.yaml' in warnings[0]
+
+
+@pytest.mark.parametrize('cut', ['.', '-'])
+async def test_event_names_of_the_longest_mapping_names_are_dns_subdomains(
+        kube_api: KubeEmulator, kube_client: ApiClient, cut: str) -> None:
+    long_name = 'a' * 235 + cut + 'b' * 17  # 253 characters; the cut lands after the '.' or '-'
+    name = event_name(long_name, ['uid', '1'])
+    assert len(name) <= 253 and name == 'a' * 235 + '.' + name.rsplit('.', 1)[1]
+    await recorder_on(kube_client).post(a_mapping(long_name), status_mod.Event('Normal', 'Configured', 'x'), 0.0)
+    [created] = kube_api.recorded(verb='create', resource=EVENTS)
+    assert created.status == 201  # the API server took it: a valid name
+    assert created.body['metadata']['name'].startswith('a' * 235 + '.') and len(created.body['metadata']['name']) <= 253
 
 
 # --- finalizer, deletion, Leases -------------------------------------------------------

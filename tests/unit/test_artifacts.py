@@ -831,6 +831,7 @@ API_CALLS: dict[str, tuple[str, str, str, str]] = {
     "list_service_for_all_namespaces": ("CoreV1Api", "", "services", "list watch"),
     "list_endpoint_slice_for_all_namespaces": ("DiscoveryV1Api", "discovery.k8s.io", "endpointslices", "list watch"),
     "create_namespaced_event": ("CoreV1Api", "", "events", "create"),
+    "patch_namespaced_event": ("CoreV1Api", "", "events", "patch"),
     "create_namespaced_lease": ("CoordinationV1Api", "coordination.k8s.io", "leases", "create"),
     "patch_namespaced_lease": ("CoordinationV1Api", "coordination.k8s.io", "leases", "patch"),
     "read_namespaced_lease": ("CoordinationV1Api", "coordination.k8s.io", "leases", "get"),
