@@ -1,4 +1,5 @@
-"""The box's external interfaces and their IPv4 addresses: a source, like a Kubernetes watch.
+"""The box's external interfaces and their IPv4 addresses, and every IPv4 address local to
+the box: a source, like a Kubernetes watch.
 
 discover() reads links and addresses once. HostWatcher keeps a current Host: it subscribes to
 link and IPv4 address events, re-discovers after each burst of them (plus a periodic safety
@@ -11,7 +12,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from socket import AF_INET
 from typing import Any
@@ -35,7 +36,8 @@ _OPER_UP = {"UP", "UNKNOWN"}
 async def discover(
     ipr: AsyncIPRoute, *, pattern: InterfacePattern, default_gw_interface: str, own_namespace: bool = False
 ) -> Host:
-    """External interfaces: names matching `pattern` anywhere, except the default gateway's.
+    """External interfaces: names matching `pattern` anywhere, except the default gateway's;
+    and every IPv4 address local to the box, on any interface, as `local_addresses`.
 
     `pattern.search` keeps SmartNat's Go regexp.MatchString semantics (unanchored). Addresses
     are IPv4 only, primaries before secondaries, otherwise in the kernel's order; interfaces
@@ -50,12 +52,15 @@ async def discover(
         links[msg["index"]] = (name, up)
 
     addresses: dict[int, list[tuple[bool, IPv4Interface]]] = {index: [] for index in links}
+    everywhere: set[IPv4Address] = set()
     async for msg in await ipr.addr("dump", family=AF_INET):
+        # IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on point-to-point links.
+        local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if local:
+            everywhere.add(IPv4Address(local))  # on any interface: never a DNAT target
         found = addresses.get(msg["index"])
         if found is None:
             continue  # not an external interface, or a link created after the link dump
-        # IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on point-to-point links.
-        local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
         flags = msg.get_attr("IFA_FLAGS")
         secondary = bool((msg["flags"] if flags is None else flags) & _IFA_F_SECONDARY)
         found.append((secondary, IPv4Interface(f"{local}/{msg['prefixlen']}")))
@@ -74,6 +79,7 @@ async def discover(
         interfaces=tuple(sorted(interfaces, key=lambda iface: (iface.name, iface.index))),
         # /proc/sys/net is the reading process's own namespace: known only when `ipr` is in it.
         forwarding=read_ip_forward() if own_namespace else None,
+        local_addresses=frozenset(everywhere),
     )
 
 
@@ -153,7 +159,8 @@ class HostWatcher:
             while True:
                 try:
                     async for _ in sock.get():
-                        # Any link or IPv4 address message; discovery decides whether it mattered.
+                        # Any link or IPv4 address message, of any interface (an address on the
+                        # cluster side or on lo matters too); discovery decides whether it mattered.
                         wake.set()
                 except (NetlinkError, OSError) as err:
                     if _code(err) != errno.ENOBUFS:
@@ -187,7 +194,9 @@ def _code(err: BaseException) -> Any:
 
 
 def _summary(host: Host) -> str:
-    return " ".join(
+    interfaces = " ".join(
         f"{iface.name}={'up' if iface.up else 'down'}:{','.join(str(a) for a in iface.addresses) or '-'}"
         for iface in host.interfaces
     ) or "none"
+    local = ",".join(str(a) for a in sorted(host.local_addresses)) or "-"
+    return f"{interfaces} local={local}"

@@ -132,6 +132,11 @@ class Host:
 
     interfaces: tuple[HostInterface, ...] = ()
     forwarding: bool | None = None  # net.ipv4.ip_forward; None: not known (not read)
+    # Every IPv4 address local to the box in its namespace, on any interface (cluster side,
+    # default gateway's, loopback, dummies) and whatever its state: the planner never DNATs
+    # to one. Empty where nobody discovered it (tests, builders); the external interfaces'
+    # addresses above count as local anyway.
+    local_addresses: frozenset[IPv4Address] = frozenset()
 
     def interface_of(self, address: IPv4Address) -> HostInterface | None:
         for iface in self.interfaces:

@@ -25,12 +25,14 @@ from smartnatd.settings import Settings
 SETTINGS = Settings(interfaces_pattern=r"^ext[0-9]+$", default_gw_interface="eth0", instance_name="test")
 
 
-def host(*interfaces: tuple[str, int, list[str]]) -> Host:
+def host(*interfaces: tuple[str, int, list[str]], local: tuple[str, ...] = ()) -> Host:
+    """External interfaces (name, ifindex, addresses), and `local`: the box's other addresses."""
     return Host(
         interfaces=tuple(
             HostInterface(name=name, index=index, addresses=tuple(IPv4Interface(a) for a in addrs))
             for name, index, addrs in interfaces
-        )
+        ),
+        local_addresses=frozenset(IPv4Address(a) for a in local),
     )
 
 

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 from pyroute2 import AsyncIPRoute
@@ -119,7 +119,11 @@ async def test_discover_lists_matching_interfaces_primary_addresses_first(box: s
                 name="ext2", index=ifindex(box, "ext2"), addresses=(IPv4Interface("203.0.113.10/24"),), up=False
             ),
             HostInterface(name="vext3", index=ifindex(box, "vext3"), addresses=(), up=True),
-        )
+        ),
+        # Every address of the box, on any interface: never a DNAT target.
+        local_addresses=frozenset(
+            map(IPv4Address, ("127.0.0.1", "192.0.2.10", "192.0.2.11", "198.51.100.10", "203.0.113.10", "192.0.2.200", "10.1.0.1"))
+        ),
     )
 
 
@@ -207,22 +211,24 @@ async def test_watcher_sees_a_link_go_down_and_a_new_matching_link(
     await wait_for_host(w, lambda h: "ext9" not in [i.name for i in h.interfaces], timeout=5, what="ext9 to go")
 
 
-async def test_watcher_ignores_changes_outside_external_interfaces(
+async def test_watcher_sees_addresses_come_and_go_outside_external_interfaces(
     box: str, watcher: tuple[HostWatcher, Changes]
 ) -> None:
     w, changes = watcher
     before = changes.count
+    interfaces = w.host.interfaces if w.host else ()
 
-    # Changes to a non-matching and to the default gateway interface, then one that matters;
-    # events are read in order, so once the last is seen the others were processed too.
-    await ash("ip", "-n", box, "addr", "add", "10.1.0.2/24", "dev", "int0")
-    await ash("ip", "-n", box, "addr", "add", "192.0.2.201/24", "dev", DEFAULT_GW)
-    await ash("ip", "-n", box, "addr", "add", "203.0.113.11/24", "dev", "ext2")
-    await wait_for_host(
-        w, lambda h: IPv4Interface("203.0.113.11/24") in addresses_of(h, "ext2"), timeout=5, what="ext2's address"
-    )
+    # The box's addresses on a non-matching interface, the default gateway's and lo are never
+    # DNAT targets: each change is a new Host, though its external interfaces stay the same.
+    for address, dev in (("10.1.0.2/24", "int0"), ("192.0.2.201/24", DEFAULT_GW), ("127.0.0.53/8", "lo")):
+        ip = IPv4Interface(address).ip
+        await ash("ip", "-n", box, "addr", "add", address, "dev", dev)
+        await wait_for_host(w, lambda h: ip in h.local_addresses, timeout=5, what=f"{ip} on {dev}")
+    await ash("ip", "-n", box, "addr", "del", "10.1.0.2/24", "dev", "int0")
+    await wait_for_host(w, lambda h: IPv4Address("10.1.0.2") not in h.local_addresses, timeout=5, what="its removal")
 
-    assert changes.count == before + 1
+    assert changes.count == before + 4
+    assert w.host is not None and w.host.interfaces == interfaces
 
 
 async def test_watcher_recovers_from_an_event_overflow(
