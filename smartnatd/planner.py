@@ -64,6 +64,9 @@ EVENT_REASONS = {
     VerdictKind.CONFLICT: "EndpointConflict",
     VerdictKind.DELETING: "Deleting",
 }
+# WAITING because every target of a port is refused: an address of this box, or one that is
+# never a pod's (see _refusal).
+TARGET_REFUSED = "TargetRefused"
 
 
 @dataclass(frozen=True)
@@ -202,22 +205,61 @@ def _service_port(service: Service, port: int, protocol: str) -> ServicePort | N
 # Addresses are deduplicated and sorted by their integer: an IPv4Address hashes and compares in
 # Python, an int in C, and for IPv4 alone the two orders are the same.
 
+# Never a DNAT target: an address of this box would hand outside clients to its own services
+# (sshd, the monitor port), and these ranges are never a pod's. The API server refuses most of
+# them in EndpointSlices, but files read with --source pass no API validation at all.
+OWN_ADDRESS = "an address of this appliance"
+_NEVER_A_POD = (
+    (0x00000000, 8, "in 0.0.0.0/8, never a pod's"),
+    (0x7F000000, 8, "a loopback address"),
+    (0xA9FE0000, 16, "a link-local address"),
+    (0xE0000000, 4, "a multicast address"),
+    (0xFFFFFFFF, 32, "the broadcast address"),
+)
+# First octets of those ranges: one set lookup lets every other address through untouched.
+_SUSPECT_OCTETS = frozenset({0, 127, 169, 255, *range(224, 240)})
+_NAMED_REFUSALS = 3  # addresses a reason names before "and N more"
 
-def _ready_ips(slices: Iterable[EndpointSlice]) -> tuple[IPv4Address, ...]:
+Refused = dict[int, tuple[IPv4Address, str]]  # int(address) -> (address, why it is refused)
+
+
+def _refusal(ip: int, own: frozenset[int]) -> str:
+    """Why the address `ip` is never a DNAT target on this box; "" when it may be one. The
+    ranges come first: a loopback address is refused alike on every appliance of a pair."""
+    if ip >> 24 in _SUSPECT_OCTETS:
+        for network, prefixlen, why in _NEVER_A_POD:
+            if ip >> (32 - prefixlen) == network >> (32 - prefixlen):
+                return why
+    return OWN_ADDRESS if ip in own else ""
+
+
+def _refused_text(refused: Refused) -> str:
+    """"endpoint 10.0.0.5 (an address of this appliance)", or several, at most a few named."""
+    named = [f"{a} ({why})" for _, (a, why) in sorted(refused.items())[:_NAMED_REFUSALS]]
+    more = f" and {len(refused) - len(named)} more" if len(refused) > len(named) else ""
+    return f"endpoint{'s' if len(refused) > 1 else ''} {', '.join(named)}{more}"
+
+
+def _ready_ips(slices: Iterable[EndpointSlice], own: frozenset[int]) -> tuple[IPv4Address, ...]:
     ready = {int(a): a for s in slices for e in s.endpoints if e.ready for a in e.addresses}
+    for ip in [ip for ip in ready if ip in own or ip >> 24 in _SUSPECT_OCTETS]:
+        if _refusal(ip, own):
+            del ready[ip]  # no egress SNAT for what is not a pod
     if len(ready) < 2:
         return tuple(ready.values())
     return tuple(map(ready.__getitem__, sorted(ready)))
 
 
 def _endpoint_targets(
-    slices: Iterable[EndpointSlice], sp: ServicePort
-) -> tuple[tuple[Target, ...], tuple[Target, ...]]:
-    """(targets, draining) for one Service port, its targetPort resolved through the slices'
-    ports. Targets are the ready endpoints; as kube-proxy does, the terminating ones that still
-    serve take their place when none is ready, and otherwise only drain."""
+    slices: Iterable[EndpointSlice], sp: ServicePort, own: frozenset[int]
+) -> tuple[tuple[Target, ...], tuple[Target, ...], Refused]:
+    """(targets, draining, refused) for one Service port, its targetPort resolved through the
+    slices' ports. Targets are the ready endpoints; as kube-proxy does, the terminating ones
+    that still serve take their place when none is ready, and otherwise only drain. Endpoints
+    that are never a target (see _refusal) are left out of both and listed in `refused`."""
     targets: dict[tuple[int, int], Target] = {}
     draining: dict[tuple[int, int], Target] = {}
+    refused: Refused = {}
     for s in slices:
         port: int | None = None
         for ep in s.ports:
@@ -232,15 +274,23 @@ def _endpoint_targets(
             if e.ready or e.draining:
                 into = targets if e.ready else draining
                 for a in e.addresses:
-                    key = (int(a), port)  # Target's own order, cheaper to hash and sort
+                    ip = int(a)
+                    key = (ip, port)  # Target's own order, cheaper to hash and sort
                     if key not in into:
+                        if (ip in own or ip >> 24 in _SUSPECT_OCTETS) and (why := _refusal(ip, own)):
+                            refused[ip] = (a, why)
+                            continue
                         into[key] = Target(a, port)
     if not targets:
         targets, draining = draining, {}
     elif draining:
         for key in targets.keys() & draining.keys():  # ready in one slice wins
             del draining[key]
-    return tuple(map(targets.__getitem__, sorted(targets))), tuple(map(draining.__getitem__, sorted(draining)))
+    return (
+        tuple(map(targets.__getitem__, sorted(targets))),
+        tuple(map(draining.__getitem__, sorted(draining))),
+        refused,
+    )
 
 
 def _claims(spec: MappingSpec) -> list[tuple[EndpointKey, IPv4Address]]:
@@ -273,6 +323,7 @@ class _HostView:
     path_of: dict[str, ReturnPath]
     managed: tuple[IPv4Address, ...]
     interfaces: tuple[str, ...]
+    own: frozenset[int]  # every address of the box, as ints: never a DNAT target
     # served addresses -> (their interface's name, the address as text): what _serve() reads,
     # in one lookup, and without formatting the same few addresses again for every Mapping.
     spots: dict[IPv4Address, tuple[str, str]]
@@ -298,6 +349,9 @@ def _host_view(host: Host, settings: Settings) -> _HostView:
         path_of={p.interface: p for p in paths},
         managed=tuple(sorted(local)),
         interfaces=tuple(sorted(usable)),
+        own=frozenset(
+            [int(a) for a in host.local_addresses] + [int(a.ip) for iface in host.interfaces for a in iface.addresses]
+        ),
         spots={a: (iface.name, str(a)) for a, iface in local.items()},
     )
 
@@ -372,8 +426,12 @@ def _serve(
             )
         )
     slices = tuple(slices)
-    pod_ips = _ready_ips(slices)
+    own = view.own
+    pod_ips = _ready_ips(slices, own)
+    spots = view.spots
+    here = [(a, spot) for a in spec.addresses if (spot := spots.get(a)) is not None]
     targets_per_port: list[tuple[tuple[Target, ...], tuple[Target, ...]]] = []  # (targets, draining)
+    refused: Refused = {}  # endpoints left out, for the Configured sentence
     for p in spec.ports:
         sp = _service_port(service, p.service_port, p.protocol)
         if sp is None:
@@ -396,10 +454,33 @@ def _serve(
                         "ServiceHasNoClusterIP",
                     )
                 )
-            targets_per_port.append(((Target(service.cluster_ip, p.service_port),), ()))
+            why = _refusal(int(service.cluster_ip), own)
+            if why and (here or why != OWN_ADDRESS):
+                return _Outcome(
+                    _verdict(
+                        m, VerdictKind.WAITING, f"Service {service.key}: ClusterIP {service.cluster_ip} ({why}) refused",
+                        TARGET_REFUSED, service_vip=service.cluster_ip,
+                    )
+                )
+            targets_per_port.append(((Target(service.cluster_ip, p.service_port),) if not why else (), ()))
             continue
-        targets, draining = _endpoint_targets(slices, sp)
-        if not targets:
+        targets, draining, left_out = _endpoint_targets(slices, sp, own)
+        if left_out:
+            refused.update(left_out)
+            # This box's own addresses are refused only where it serves the Mapping: elsewhere
+            # it is NotLocal below, as it would be on the other appliances of a pair.
+            if not targets and (here or any(why != OWN_ADDRESS for _, why in left_out.values())):
+                return _Outcome(
+                    _verdict(
+                        m,
+                        VerdictKind.WAITING,
+                        f"Service {service.key}: {_refused_text(left_out)} refused; "
+                        f"no other endpoint is ready for port {sp.port}/{sp.protocol.upper()}",
+                        TARGET_REFUSED,
+                        service_vip=service.cluster_ip,
+                    )
+                )
+        if not targets and not left_out:
             return _Outcome(
                 _verdict(
                     m,
@@ -411,8 +492,6 @@ def _serve(
             )
         targets_per_port.append((targets, draining))
 
-    spots = view.spots
-    here = [(a, spot) for a in spec.addresses if (spot := spots.get(a)) is not None]
     if not here:
         listed = ", ".join(str(a) for a in spec.addresses)
         return _Outcome(
@@ -435,10 +514,13 @@ def _serve(
     if len(flat) > 1:
         flat.sort(key=_first)
     served = tuple([cell[1] for cell in flat])
+    reason = "serving " + ", ".join([cell[2] for cell in flat])
+    if refused:
+        reason += f"; {_refused_text(refused)} refused"
     verdict = Verdict(
         key=m.key,
         kind=VerdictKind.CONFIGURED,
-        reason="serving " + ", ".join([cell[2] for cell in flat]),
+        reason=reason,
         event_reason=EVENT_REASONS[VerdictKind.CONFIGURED],
         served=served,
         addresses=tuple([a for a, _ in here]),
@@ -721,6 +803,10 @@ class IncrementalPlanner:
 
         if changes.host:
             before, self._view = self._view, _host_view(snapshot.host, settings)
+            if before.own != self._view.own:
+                # Any Mapping's targets may be refused or let through now; the box's addresses
+                # change rarely, so re-decide them all rather than index every endpoint.
+                redo.update(self._mappings)
             for a in before.local.keys() | self._view.local.keys():
                 if before.place(a) != self._view.place(a):
                     redo |= self._by_address.get(int(a), set())

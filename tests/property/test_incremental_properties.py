@@ -49,6 +49,8 @@ SETTINGS_VARIANTS = (
     dataclasses.replace(SETTINGS, setup_snat=True, max_ports_per_mapping=2, setup_masquerade=False),
 )
 PODS = ("10.244.1.2", "10.244.2.2", "10.244.3.2", "10.244.4.2")
+# Endpoint addresses: pods, and one that is never a pod's (refused wherever it appears).
+ENDPOINTS = (*PODS, "169.254.0.9")
 ALL_PORTS = (("http", "tcp", 80, 8080), ("dns", "udp", 53, 5353), ("s", "sctp", 80, 9000))
 
 
@@ -61,7 +63,7 @@ def services(draw: st.DrawFn) -> Service:
 
 @st.composite
 def slices(draw: st.DrawFn) -> EndpointSlice:
-    ready = tuple(draw(st.lists(st.sampled_from(PODS), max_size=3, unique=True)))
+    ready = tuple(draw(st.lists(st.sampled_from(ENDPOINTS), max_size=3, unique=True)))
     ports = draw(
         st.sampled_from(
             [
@@ -93,6 +95,10 @@ HOSTS = (
     _with(HOST, "ext1", addresses=(IPv4Interface("192.0.2.11/24"),)),
     Host(interfaces=(HostInterface(name="ext1", index=3, addresses=(IPv4Interface("192.0.2.10/24"),)),)),
     Host(),
+    # Addresses on the box's other interfaces that collide with pods and a ClusterIP: their
+    # Mappings' targets are refused, and let through again when the address goes.
+    dataclasses.replace(HOST, local_addresses=frozenset(map(IPv4Address, ("10.244.2.2", "127.0.0.1")))),
+    dataclasses.replace(HOST, local_addresses=frozenset(map(IPv4Address, ("10.96.0.11", "10.244.1.2", "10.244.3.2")))),
 )
 
 KEYS = st.tuples(NAMESPACES, st.sampled_from(["web", "api", "dns", "db", "mail", "ftp"])).map(lambda t: ObjectKey(*t))

@@ -291,3 +291,132 @@ def test_down_interface_is_not_served_and_reported():
     assert [r.interface for r in p.desired.return_paths] == ["ext1"]
     assert p.verdicts[0].kind == VerdictKind.NOT_LOCAL
     assert any("ext2 is down" in h for h in p.host_problems)
+
+
+# --- targets that are never DNATed to: this box's own addresses, and never-a-pod ranges ---
+
+# HOST, plus what discovery finds on the box's other interfaces: its cluster-side address
+# (eth0) and loopback.
+BOX = dataclasses.replace(HOST, local_addresses=frozenset(map(IPv4Address, ("10.10.0.2", "127.0.0.1"))))
+
+
+def test_an_endpoint_that_is_an_address_of_this_box_is_refused_and_the_mapping_waits():
+    p = plan(snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice(ready=("10.10.0.2",))], h=BOX), SETTINGS)
+    (v,) = p.verdicts
+    assert (v.kind, v.event_reason) == (VerdictKind.WAITING, "TargetRefused")
+    assert v.reason == (
+        "Service default/web: endpoint 10.10.0.2 (an address of this appliance) refused; "
+        "no other endpoint is ready for port 80/TCP"
+    )
+    assert p.desired.dnats == () and v.pod_ips == ()
+
+
+def test_an_external_address_of_this_box_is_refused_as_an_endpoint_even_without_discovery():
+    # A Host built without local_addresses (tests, plan from a bare Host) still knows the
+    # external interfaces' addresses.
+    (v,) = plan(snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice(ready=("198.51.100.10",))]), SETTINGS).verdicts
+    assert (v.kind, v.event_reason) == (VerdictKind.WAITING, "TargetRefused")
+
+
+def test_one_refused_endpoint_of_two_leaves_the_other_serving_and_says_so():
+    settings = dataclasses.replace(SETTINGS, setup_snat=True)
+    p = plan(
+        snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice(ready=("10.10.0.2", "10.244.1.2"))], h=BOX),
+        settings,
+    )
+    (v,) = p.verdicts
+    assert v.kind == VerdictKind.CONFIGURED
+    assert v.reason == "serving 192.0.2.10:80/tcp; endpoint 10.10.0.2 (an address of this appliance) refused"
+    (d,) = p.desired.dnats
+    assert [str(t) for t in d.targets] == ["10.244.1.2:8080"]
+    # Egress SNAT is for pods only: never for an address of the box itself.
+    assert [str(ip) for ip in v.pod_ips] == ["10.244.1.2"]
+    assert [str(e.source) for e in p.desired.egress] == ["10.244.1.2"]
+
+
+@pytest.mark.parametrize(
+    "address, why",
+    [
+        ("127.0.0.53", "a loopback address"),
+        ("169.254.169.254", "a link-local address"),
+        ("224.0.0.251", "a multicast address"),
+        ("239.255.255.250", "a multicast address"),
+        ("255.255.255.255", "the broadcast address"),
+        ("0.1.2.3", "in 0.0.0.0/8, never a pod's"),
+    ],
+)
+def test_an_endpoint_that_is_never_a_pod_is_refused(address, why):
+    p = plan(snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice(ready=(address,))], h=BOX), SETTINGS)
+    (v,) = p.verdicts
+    assert (v.kind, v.event_reason) == (VerdictKind.WAITING, "TargetRefused")
+    assert f"endpoint {address} ({why}) refused" in v.reason
+    assert p.desired.dnats == ()
+
+
+def test_addresses_next_to_the_refused_ranges_are_served():
+    near = ("1.0.0.1", "126.255.255.254", "128.0.0.1", "169.253.0.1", "169.255.0.1", "223.255.255.254", "240.0.0.1", "255.255.255.254")
+    p = plan(snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice(ready=near)], h=BOX), SETTINGS)
+    assert p.verdicts[0].kind == VerdictKind.CONFIGURED
+    assert sorted(str(t.address) for t in p.desired.dnats[0].targets) == sorted(near)
+
+
+def test_refused_draining_endpoints_are_left_out_too():
+    p = plan(
+        snap(mapping("a", mode="direct"), services=[service()],
+             slices=[endpoint_slice(ready=("10.244.1.2",), draining=("127.0.0.1", "10.10.0.2"))], h=BOX),
+        SETTINGS,
+    )
+    (d,) = p.desired.dnats
+    assert (d.targets[0].address, d.draining) == (IPv4Address("10.244.1.2"), ())
+    # ...and a refused ready endpoint does not push a serving terminating pod aside.
+    p = plan(
+        snap(mapping("a", mode="direct"), services=[service()],
+             slices=[endpoint_slice(ready=("10.10.0.2",), draining=("10.244.1.2",))], h=BOX),
+        SETTINGS,
+    )
+    assert [str(t) for t in p.desired.dnats[0].targets] == ["10.244.1.2:8080"]
+
+
+def test_a_long_refusal_names_a_few_addresses_and_counts_the_rest():
+    loopbacks = tuple(f"127.0.0.{i}" for i in range(1, 8))
+    (v,) = plan(snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice(ready=loopbacks)], h=BOX), SETTINGS).verdicts
+    assert v.reason == (
+        "Service default/web: endpoints 127.0.0.1 (a loopback address), 127.0.0.2 (a loopback address), "
+        "127.0.0.3 (a loopback address) and 4 more refused; no other endpoint is ready for port 80/TCP"
+    )
+
+
+def test_a_cluster_ip_that_is_an_address_of_this_box_is_refused_in_service_mode():
+    p = plan(snap(mapping("a"), services=[service(cluster_ip="10.10.0.2")], h=BOX), SETTINGS)
+    (v,) = p.verdicts
+    assert (v.kind, v.event_reason, v.reason) == (
+        VerdictKind.WAITING, "TargetRefused", "Service default/web: ClusterIP 10.10.0.2 (an address of this appliance) refused"
+    )
+    assert p.desired.dnats == ()
+    (v,) = plan(snap(mapping("a"), services=[service(cluster_ip="127.0.0.1")]), SETTINGS).verdicts
+    assert (v.kind, v.reason) == (VerdictKind.WAITING, "Service default/web: ClusterIP 127.0.0.1 (a loopback address) refused")
+
+
+def test_service_mode_leaves_refused_pod_ips_out_of_egress_snat():
+    settings = dataclasses.replace(SETTINGS, setup_snat=True)
+    p = plan(snap(mapping("a"), services=[service()], slices=[endpoint_slice(ready=("10.10.0.2", "10.244.1.2"))], h=BOX), settings)
+    assert p.verdicts[0].kind == VerdictKind.CONFIGURED
+    assert [str(e.source) for e in p.desired.egress] == ["10.244.1.2"]
+
+
+def test_an_own_address_endpoint_of_a_mapping_not_served_here_is_not_local():
+    # Another appliance of a pair may serve it: a box refuses its own addresses only where it
+    # serves the Mapping, so both write the same shared Ready condition otherwise.
+    (v,) = plan(
+        snap(mapping("a", mode="direct", addresses=("203.0.113.99",)), services=[service()],
+             slices=[endpoint_slice(ready=("10.10.0.2",))], h=BOX),
+        SETTINGS,
+    ).verdicts
+    assert v.kind == VerdictKind.NOT_LOCAL and v.pod_ips == ()
+    # A never-a-pod endpoint is refused on every appliance alike.
+    (v,) = plan(
+        snap(mapping("a", mode="direct", addresses=("203.0.113.99",)), services=[service()],
+             slices=[endpoint_slice(ready=("127.0.0.1",))], h=BOX),
+        SETTINGS,
+    ).verdicts
+    assert (v.kind, v.event_reason) == (VerdictKind.WAITING, "TargetRefused")
