@@ -1,0 +1,71 @@
+"""watch_source_dir: the daemon's --source directory watcher, with a real directory."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from smartnatd import daemon
+from smartnatd.daemon import SourceDirState, watch_source_dir
+from smartnatd.model import ObjectKey
+from smartnatd.sourcedir import load_source_dir
+from smartnatd.store import Kind, Store
+
+
+def service_yaml(name: str, cluster_ip: str) -> str:
+    return (
+        f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n"
+        f"spec: {{clusterIP: {cluster_ip}, ports: [{{port: 80}}]}}\n"
+    )
+
+
+def cluster_ip(store: Store, name: str) -> str | None:
+    service = store.get(Kind.SERVICES, ObjectKey("default", name))
+    return None if service is None else str(service.cluster_ip)  # type: ignore[union-attr]
+
+
+async def until(condition: object, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+
+async def test_a_changed_file_is_read_again_and_the_others_stay(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(service_yaml("a", "10.96.0.1"))
+    (tmp_path / "b.yaml").write_text(service_yaml("b", "10.96.0.2"))
+    store, state = Store(), SourceDirState()
+    task = asyncio.create_task(watch_source_dir(tmp_path, store=store, poll=0.01, state=state))
+    try:
+        await until(lambda: state.up and cluster_ip(store, "b") == "10.96.0.2")
+        (tmp_path / "b.yaml").write_text(service_yaml("b", "10.96.0.3"))
+        await until(lambda: cluster_ip(store, "b") == "10.96.0.3")
+        assert cluster_ip(store, "a") == "10.96.0.1"
+    finally:
+        task.cancel()
+
+
+async def test_a_failed_read_is_tried_again_without_waiting_for_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The directory can go away between the listing and the read (a deploy replacing it);
+    # the next poll must read it again even though no file changed since.
+    (tmp_path / "a.yaml").write_text(service_yaml("a", "10.96.0.1"))
+    failures = [OSError(2, "No such file or directory")] * 3
+
+    def flaky_load(path: Path, **options: object) -> object:
+        if failures:
+            raise failures.pop()
+        return load_source_dir(path, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon, "load_source_dir", flaky_load)
+    store, state = Store(), SourceDirState()
+    task = asyncio.create_task(watch_source_dir(tmp_path, store=store, poll=0.01, state=state))
+    try:
+        await until(lambda: state.up)
+        assert cluster_ip(store, "a") == "10.96.0.1"
+    finally:
+        task.cancel()
+    # One warning for the outage, not one per failed poll.
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 1
