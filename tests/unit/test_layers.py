@@ -20,6 +20,7 @@ ALLOWED = {
     "nft.render": {"desired", "model", "nft", "nft.names"},
     "kube.objects": {"model"},
     "sourcedir": {"model", "kube.objects"},
+    "transitions": {"planner"},
 }
 
 
