@@ -7,6 +7,16 @@ This module computes which flows are stale (`stale_flow_filters`, pure) and dele
 (`ConntrackEdge`). It never flushes the table: flows the plan still allows keep running through
 restarts and resyncs (kubernetes/kubernetes:pkg/proxy/conntrack/cleanup.go does the same).
 
+Pods' own connections through the box (egress SNAT) follow their conntrack entry the same way:
+the entry holds the mark that routes them (their interface's) and the address they were SNATed
+to. When a pod's egress entry changes (its interface came back with a new ifindex, its Mapping's
+address moved, another Mapping or none took the pod), `stale_egress_filters` names the flows
+made under the old entry and `ConntrackEdge.delete_egress` deletes them; the next packet starts
+over under the new rules. Only the packet mark carries EGRESS_MARK, not the conntrack mark, so an
+egress flow is told by what only the egress rules make: original source a pod, conntrack mark an
+interface's, replies addressed to the egress address it was SNATed to. Clients' flows (replies go
+to the client) and the box's own (original source the box) never match.
+
 Kernel mechanism (pyroute2 0.9.7; its sync `Conntrack` fails inside a running event loop, so
 `AsyncConntrack(netns=…, flags=0)`, opened once):
 - selecting: a dump filtered kernel-side by a partial original tuple (CTA_FILTER, kernel >= 5.8;
@@ -28,7 +38,7 @@ import socket
 import struct
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Collection, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from types import TracebackType
@@ -43,12 +53,13 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
     IPCTNL_MSG_CT_GET,
     IPCTNL_MSG_CT_NEW,
     IPS_DST_NAT,
+    IPS_SRC_NAT,
     NFCTAttrTuple,
     nfct_msg,
 )
 from pyroute2.netlink.nlsocket import NetlinkRequest
 
-from smartnatd.desired import DesiredState, Dnat, ExternalEndpoint, Target
+from smartnatd.desired import MARK_MASK, DesiredState, Dnat, EgressSnat, ExternalEndpoint, Target
 from smartnatd.errors import NetlinkApplyError
 from smartnatd.model import Protocol
 
@@ -65,6 +76,10 @@ _FULL_DUMP_MIN_FILTERS = 32
 # when it has at least max(_KERNEL_GROUP_MIN, table size / _WALK_PER_LOOKUP) flows.
 _KERNEL_GROUP_MIN = 16
 _WALK_PER_LOOKUP = 500
+
+# An egress flow's status: SNATed (to the egress address), never DNATed (that is a client's flow,
+# or a pod's to a Mapping of the box). Value, mask, as CTA_STATUS and CTA_STATUS_MASK.
+_EGRESS_STATUS = (IPS_SRC_NAT, IPS_SRC_NAT | IPS_DST_NAT)
 
 # How a kernel without filtered delete refuses one: 6.x before 6.11 / before 5.8.
 _NO_FILTERED_DELETE = {errno.EOPNOTSUPP, errno.EINVAL}
@@ -178,6 +193,49 @@ def stale_flow_filters(*, old: DesiredState | None, new: DesiredState) -> tuple[
     return tuple(filters)
 
 
+@dataclass(frozen=True, order=True)
+class EgressFlowFilter:
+    """Pods' own flows made under an egress entry the new plan no longer has: conntrack mark
+    `mark` (under MARK_MASK), SNATed to `to`, from `source`, or from any pod when None (no
+    interface has `mark` any more, so no pod's egress is still made with it)."""
+
+    mark: int
+    to: IPv4Address
+    source: IPv4Address | None
+
+    def matches(self, flow: _Flow) -> bool:
+        return (
+            flow.mark & MARK_MASK == self.mark
+            and flow.reply_destination == self.to
+            and flow.status & _EGRESS_STATUS[1] == _EGRESS_STATUS[0]
+            and (self.source is None or flow.source == self.source)
+        )
+
+    def __str__(self) -> str:
+        return f"egress from {self.source or 'any pod'} mark={self.mark:#x} snat={self.to}"
+
+
+def stale_egress_filters(
+    *, old: Iterable[EgressSnat], new: Iterable[EgressSnat], marks: Collection[int]
+) -> tuple[EgressFlowFilter, ...]:
+    """The egress flows that must stop when the pods' egress entries go from `old` to `new`.
+
+    `old` and `new` may be whole plans or just the entries that changed between them (what a
+    pass removed and added): an entry of `old` dooms its flows unless `new` gives its pod the
+    same mark and SNAT address. `marks` are the new plan's interface marks: an old mark outside
+    them can be on no pod's egress now, so one filter per (mark, address) takes every pod's
+    flows instead of one per pod.
+    """
+    now = {e.source: (e.mark, e.to) for e in new}
+    in_use = set(marks).union(m for m, _ in now.values())
+    doomed: set[EgressFlowFilter] = set()
+    for e in old:
+        if now.get(e.source) != (e.mark, e.to):
+            source = None if e.mark not in in_use else e.source
+            doomed.add(EgressFlowFilter(mark=e.mark, to=e.to, source=source))
+    return tuple(sorted(doomed, key=lambda f: (f.mark, f.to, -1 if f.source is None else int(f.source))))
+
+
 def _kept_targets(dnat: Dnat) -> frozenset[Target]:
     """Targets whose flows may go on: the current ones and those draining (terminating pods)."""
     return frozenset(dnat.targets + dnat.draining)
@@ -215,6 +273,7 @@ class _Flow:
     destination_port: int
     reply_source: IPv4Address  # the DNAT target (a pod behind a virtual one), or the destination when not DNATed
     reply_source_port: int
+    reply_destination: IPv4Address  # the SNAT address of a SNATed flow, else the source
     mark: int
     status: int
     id: int | None  # CTA_ID: tells this entry from a later one with the same tuple
@@ -294,6 +353,7 @@ def _parse_flow(data: bytes, offset: int, length: int) -> _Flow | None:
         destination_port=orig[4],
         reply_source=reply[1],
         reply_source_port=reply[3],
+        reply_destination=reply[2],
         mark=be(_CTA_MARK, "!I") or 0,  # the kernel leaves out a zero mark
         status=be(_CTA_STATUS, "!I") or 0,
         id=be(_CTA_ID, "!I"),
@@ -323,10 +383,10 @@ class _Group:
     flow the plan still allows, even one that appeared after the dump.
     """
 
-    orig: NFCTAttrTuple
+    orig: NFCTAttrTuple | None
     reply: NFCTAttrTuple | None = None
     mark: tuple[int, int] | None = None  # value, mask
-    dnat_only: bool = False
+    status: tuple[int, int] | None = None  # value, mask
 
 
 def _endpoint_tuple(external: ExternalEndpoint, *, source: IPv4Address | None = None) -> NFCTAttrTuple:
@@ -351,6 +411,16 @@ def _doom(flow: _Flow, flt: FlowFilter) -> Hashable | None:
     if flt.keep_sources is not None and not any(flow.source in net for net in flt.keep_sources):
         return ("source", flow.source)
     return None
+
+
+def _egress_group(flt: EgressFlowFilter) -> _Group:
+    """The kernel filter matching exactly the egress flows `flt` dooms (EgressFlowFilter.matches)."""
+    return _Group(
+        orig=None if flt.source is None else NFCTAttrTuple(saddr=str(flt.source)),
+        reply=NFCTAttrTuple(daddr=str(flt.to)),
+        mark=(flt.mark, MARK_MASK),
+        status=_EGRESS_STATUS,
+    )
 
 
 def _kernel_keys(flt: FlowFilter) -> list[Hashable]:
@@ -465,6 +535,52 @@ class ConntrackEdge:
             logger.debug("conntrack flows deleted kernel-side endpoint=%s filter=%s", flt.external, flt)
         return max(0, before - await self._table_size())
 
+    async def delete_egress(self, filters: Sequence[EgressFlowFilter]) -> int:
+        """Delete the pods' egress flows `filters` select; returns how many were deleted (after
+        kernel-side deletes, how much the table shrank meanwhile: a close estimate)."""
+        if not filters:
+            return 0
+        started = time.monotonic()
+        if self.filtered_delete and len(filters) < _FULL_DUMP_MIN_FILTERS:
+            # Each filter matches exactly the flows it dooms, so no dump is needed; each delete
+            # walks the table, so many filters are better served by one dump below.
+            before = await self._table_size()
+            for flt in filters:
+                await self._filtered_delete(_egress_group(flt), what=str(flt))
+            deleted = max(0, before - await self._table_size())
+        else:
+            table_size = await self._table_size()
+            deleted = 0
+            for flt, doomed in (await self._egress_flows(filters)).items():
+                deleted += await self._delete_group(_egress_group(flt), doomed, table_size=table_size, what=str(flt))
+        if deleted:
+            logger.info(
+                "conntrack stale egress flows deleted flows=%d filters=%d took=%.3fs",
+                deleted, len(filters), time.monotonic() - started,
+            )
+        return deleted
+
+    async def _egress_flows(self, filters: Sequence[EgressFlowFilter]) -> dict[EgressFlowFilter, list[_Flow]]:
+        """The flows each filter selects, by one dump of SNATed flows or one per pod."""
+        found: dict[EgressFlowFilter, list[_Flow]] = defaultdict(list)
+        if len(filters) >= _FULL_DUMP_MIN_FILTERS or any(f.source is None for f in filters):
+            # A filter from any pod has only the mark and address to go by: one look at every
+            # SNATed flow (kernel-side status filter since 5.15) serves them all.
+            by_key = {(f.source, f.mark, f.to): f for f in filters}
+            async for flow in self._dump(status=IPS_SRC_NAT):
+                mark = flow.mark & MARK_MASK
+                flt = by_key.get((flow.source, mark, flow.reply_destination)) or by_key.get(
+                    (None, mark, flow.reply_destination)
+                )
+                if flt is not None and flt.matches(flow):
+                    found[flt].append(flow)
+            return found
+        for flt in filters:
+            async for flow in self._dump(tuple_orig=NFCTAttrTuple(saddr=str(flt.source))):
+                if flt.matches(flow):  # kernels before 5.8 ignore the tuple filter
+                    found[flt].append(flow)
+        return found
+
     def _log_deleted(self, deleted: int, touched: int, started: float) -> None:
         if deleted:
             logger.info(
@@ -472,12 +588,51 @@ class ConntrackEdge:
                 deleted, touched, time.monotonic() - started,
             )
 
-    async def sweep(self, *, mark_mask: int, known: Collection[ExternalEndpoint]) -> int:
-        """Delete DNATed flows marked inside `mark_mask` whose destination is no known endpoint.
+    async def sweep(
+        self,
+        *,
+        mark_mask: int,
+        known: Collection[ExternalEndpoint],
+        egress: Collection[EgressSnat] | None = None,
+    ) -> int:
+        """Delete DNATed flows marked inside `mark_mask` whose destination is no known endpoint,
+        and, when `egress` is given, pods' egress flows that it does not route the same way.
 
-        These are flows of Mappings deleted while the daemon was down. Only DNATed flows count:
-        pod egress connections carry the same marks and must survive.
+        The former are flows of Mappings deleted while the daemon was down. Only DNATed flows
+        count there: pod egress connections carry the same marks. Those are judged against
+        `egress`, the plan's entries: an egress flow (SNATed, not DNATed, marked) from a pod
+        survives when the plan still gives that pod its mark and SNAT address; it goes when
+        its interface's mark is gone (re-created with a new ifindex while the daemon was down),
+        its SNAT address or interface changed, or the pod has no egress entry any more.
         """
+        deleted = await self._sweep_endpoints(mark_mask=mark_mask, known=known)
+        if egress is not None:
+            deleted += await self._sweep_egress(mark_mask=mark_mask, egress=egress)
+        return deleted
+
+    async def _sweep_egress(self, *, mark_mask: int, egress: Collection[EgressSnat]) -> int:
+        started = time.monotonic()
+        wanted = {e.source: (e.mark & mark_mask, e.to) for e in egress}
+        table_size = await self._table_size()
+        groups: dict[EgressFlowFilter, list[_Flow]] = defaultdict(list)
+        # The status filter is kernel-side since 5.15; older kernels send everything.
+        async for flow in self._dump(status=IPS_SRC_NAT):
+            mark = flow.mark & mark_mask
+            if not mark or flow.status & _EGRESS_STATUS[1] != _EGRESS_STATUS[0]:
+                continue
+            if wanted.get(flow.source) != (mark, flow.reply_destination):
+                groups[EgressFlowFilter(mark=mark, to=flow.reply_destination, source=flow.source)].append(flow)
+        deleted = 0
+        for flt, doomed in sorted(groups.items()):
+            deleted += await self._delete_group(_egress_group(flt), doomed, table_size=table_size, what=str(flt))
+        if deleted:
+            logger.info(
+                "conntrack egress flows the plan no longer routes so deleted flows=%d pods=%d took=%.3fs",
+                deleted, len({f.source for f in groups}), time.monotonic() - started,
+            )
+        return deleted
+
+    async def _sweep_endpoints(self, *, mark_mask: int, known: Collection[ExternalEndpoint]) -> int:
         started = time.monotonic()
         known = frozenset(known)
         table_size = await self._table_size()
@@ -489,7 +644,7 @@ class ConntrackEdge:
                 groups[flow.external, mark].append(flow)
         deleted = 0
         for (external, mark), doomed in sorted(groups.items()):
-            group = _Group(orig=_endpoint_tuple(external), mark=(mark, mark_mask), dnat_only=True)
+            group = _Group(orig=_endpoint_tuple(external), mark=(mark, mark_mask), status=(IPS_DST_NAT, IPS_DST_NAT))
             count = await self._delete_group(group, doomed, table_size=table_size, what=f"{external} mark={mark:#x}")
             logger.debug(
                 "conntrack unknown-endpoint flows deleted endpoint=%s mark=%#x flows=%d", external, mark, count
@@ -609,18 +764,21 @@ def _dump_msg(*, tuple_orig: NFCTAttrTuple | None = None, status: int | None = N
 
 
 def _filtered_delete_msg(group: _Group) -> Any:
-    group.orig.attrs()  # computes .flags, the CTA_FILTER bits for the attributes given
-    flags = [["CTA_FILTER_ORIG_FLAGS", group.orig.flags]]
+    flags = []
     extra: dict[str, Any] = {}
+    if group.orig is not None:
+        group.orig.attrs()  # computes .flags, the CTA_FILTER bits for the attributes given
+        flags.append(["CTA_FILTER_ORIG_FLAGS", group.orig.flags])
+        extra["tuple_orig"] = group.orig
     if group.reply is not None:
         group.reply.attrs()
         flags.append(["CTA_FILTER_REPLY_FLAGS", group.reply.flags])
         extra["tuple_reply"] = group.reply
     if group.mark is not None:
         extra["mark"], extra["mark_mask"] = group.mark
-    if group.dnat_only:
-        extra["status"], extra["status_mask"] = IPS_DST_NAT, IPS_DST_NAT
-    msg = nfct_msg.create_from(tuple_orig=group.orig, cta_filter={"attrs": flags}, **extra)
+    if group.status is not None:
+        extra["status"], extra["status_mask"] = group.status
+    msg = nfct_msg.create_from(cta_filter={"attrs": flags}, **extra)
     # Version 1: the kernel filters by nfgen_family (AF_INET) rather than every family.
     msg["version"] = 1
     return msg

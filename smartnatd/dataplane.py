@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from smartnatd.conntrack import ConntrackEdge, FlowFilter, stale_flow_filters
-from smartnatd.desired import MARK_MASK, DesiredState, ExternalEndpoint
+from smartnatd.conntrack import ConntrackEdge, EgressFlowFilter, FlowFilter, stale_egress_filters, stale_flow_filters
+from smartnatd.desired import MARK_MASK, DesiredState, EgressSnat, ExternalEndpoint
 from smartnatd.errors import DataplaneError
 from smartnatd.nft import names
 from smartnatd.nft.render import Renderer, Ruleset, cleanup_text
@@ -35,6 +35,16 @@ class ApplyReport:
     @property
     def changed(self) -> bool:
         return self.nft_operations > 0 or self.flows_deleted > 0 or self.routing.changes > 0
+
+
+@dataclass(frozen=True)
+class _FlowCleanup:
+    """The conntrack work of one pass, worked out while nft runs."""
+
+    filters: tuple[FlowFilter, ...]
+    egress_filters: tuple[EgressFlowFilter, ...]
+    known: set[ExternalEndpoint] | None  # until the first sweep: every endpoint served
+    egress: tuple[EgressSnat, ...]  # the plan's egress entries, for that sweep
 
 
 def _clip(text: str, limit: int = 4000) -> str:
@@ -136,7 +146,7 @@ class Dataplane:
             failure = DataplaneError(f"apply failed: {err}")
             failure.nft_committed = committed
             raise failure from err
-        flows = await self._cleanup_flows(*cleanup)
+        flows = await self._cleanup_flows(cleanup)
         self._desired = desired
         took = time.monotonic() - started
         logger.debug(
@@ -145,30 +155,44 @@ class Dataplane:
         )
         return ApplyReport(full=is_full, nft_operations=ops, routing=routing, flows_deleted=flows, took=took)
 
-    def _flow_cleanup(self, desired: DesiredState) -> tuple[tuple[FlowFilter, ...], set[ExternalEndpoint] | None]:
+    def _flow_cleanup(self, desired: DesiredState) -> _FlowCleanup:
         """What the move from the last applied state to `desired` must stop: filters per
-        endpoint and, until the first sweep, every endpoint served (the sweep keeps those)."""
+        endpoint and per pod egress entry and, until the first sweep, every endpoint served
+        (the sweep keeps those)."""
         known = None if self._swept else {d.external for d in desired.dnats}
+        return _FlowCleanup(self._dnat_filters(desired), self._egress_filters(desired), known, desired.egress)
+
+    def _egress_filters(self, desired: DesiredState) -> tuple[EgressFlowFilter, ...]:
+        """The pods' egress flows the move to `desired` re-routes: those of the entries it
+        removed or changed. Unknown before the first pass; the sweep judges them then."""
+        old = self._desired
+        if old is None or old.egress is desired.egress:
+            return ()
+        changed = self._renderer.egress_changes(since=old)
+        gone, came = (old.egress, desired.egress) if changed is None else changed
+        return stale_egress_filters(old=gone, new=came, marks={p.mark for p in desired.return_paths})
+
+    def _dnat_filters(self, desired: DesiredState) -> tuple[FlowFilter, ...]:
         changed = self._renderer.dnat_changes(since=self._desired)
         old = self._desired
         if changed is None or old is None or old.return_paths != desired.return_paths:
             # A return path's mark changing touches every endpoint on its interface, changed or not.
-            return stale_flow_filters(old=old, new=desired), known
+            return stale_flow_filters(old=old, new=desired)
         # Only Dnats that changed can need a filter: comparing these gives the same filters as
         # comparing every Dnat, without a pass over all of them.
         gone, came = changed
-        filters = stale_flow_filters(
+        return stale_flow_filters(
             old=DesiredState(dnats=gone, return_paths=old.return_paths),
             new=DesiredState(dnats=came, return_paths=desired.return_paths, drop_unmapped=desired.drop_unmapped),
         )
-        return filters, known
 
-    async def _cleanup_flows(self, filters: tuple[FlowFilter, ...], known: set[ExternalEndpoint] | None) -> int:
+    async def _cleanup_flows(self, cleanup: _FlowCleanup) -> int:
         # Only after the new rules are in: a flow deleted earlier could be re-created by the old ones.
         try:
-            deleted = await self._conntrack.delete(filters) if filters else 0
-            if known is not None:
-                deleted += await self._conntrack.sweep(mark_mask=MARK_MASK, known=known)
+            deleted = await self._conntrack.delete(cleanup.filters) if cleanup.filters else 0
+            deleted += await self._conntrack.delete_egress(cleanup.egress_filters) if cleanup.egress_filters else 0
+            if cleanup.known is not None:
+                deleted += await self._conntrack.sweep(mark_mask=MARK_MASK, known=cleanup.known, egress=cleanup.egress)
                 self._swept = True
         except Exception as err:  # stale flows expire by themselves; never fail a pass for them
             logger.warning("conntrack cleanup failed; stale flows will expire on their own: %s", err, exc_info=logger.isEnabledFor(logging.DEBUG))

@@ -362,6 +362,7 @@ class Renderer:
         # None after a render from scratch.
         self._chain_steps: dict[str, bool] | None = None
         self._dnat_steps: tuple[tuple[Dnat, ...], tuple[Dnat, ...]] | None = None
+        self._egress_steps: tuple[tuple[EgressSnat, ...], tuple[EgressSnat, ...]] | None = None
         self._after: Ruleset | None = None  # what the last diff() left, for the ruleset below
         self._after_of: Ruleset | None = None
 
@@ -379,6 +380,14 @@ class Renderer:
         if since is None or since is not self._previous_desired or self._dnat_steps is None:
             return None
         return self._dnat_steps
+
+    def egress_changes(
+        self, since: DesiredState | None
+    ) -> tuple[tuple[EgressSnat, ...], tuple[EgressSnat, ...]] | None:
+        """The egress entries the last render removed and added, if it went from `since`; else None."""
+        if since is None or since is not self._previous_desired or self._egress_steps is None:
+            return None
+        return self._egress_steps
 
     def diff(self, old: Ruleset, new: Ruleset) -> Diff | None:
         """diff(old, new), from the recorded changes when `old` is what the previous render left
@@ -470,7 +479,7 @@ class Renderer:
         """From scratch, with render()'s rules for duplicates: the last element of a key wins,
         the first chain of a name."""
         self._reset()
-        self._steps, self._dnat_steps, self._chain_steps = {}, None, None
+        self._steps, self._dnat_steps, self._egress_steps, self._chain_steps = {}, None, None, None
         exact = True
         memo = _Memo()
         for d in desired.dnats:
@@ -499,7 +508,7 @@ class Renderer:
         removed, added = self._swap(
             desired.dnats, previous.dnats, self._dnats, lambda d: _place_dnat(d, memo), touched
         )
-        self._swap(desired.egress, previous.egress, self._egress, _place_egress, touched)
+        egress = self._swap(desired.egress, previous.egress, self._egress, _place_egress, touched)
         hosts = (desired.managed_addresses, desired.external_interfaces, desired.return_paths)
         if hosts != (previous.managed_addresses, previous.external_interfaces, previous.return_paths):
             for name, elements in _host_elements(desired).items():
@@ -511,7 +520,7 @@ class Renderer:
                 self._keys[name] = sorted(after)
                 self._items[name] = list(map(after.__getitem__, self._keys[name]))
                 touched.add(name)
-        self._dnat_steps = (removed, added)
+        self._dnat_steps, self._egress_steps = (removed, added), egress
         self._desired = desired
         return touched
 

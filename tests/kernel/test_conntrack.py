@@ -36,9 +36,27 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 from pyroute2 import AsyncConntrack, netns
 from pyroute2.conntrack import ConntrackEntry, NFCTAttrTuple
+from pyroute2.netlink.nfnetlink.nfctsocket import IPS_DST_NAT, IPS_SRC_NAT
 
-from smartnatd.conntrack import ConntrackEdge, FlowFilter, _doom, _Flow, stale_flow_filters
-from smartnatd.desired import MARK_MASK, DesiredState, Dnat, ExternalEndpoint, ReturnPath, Target, interface_mark
+from smartnatd.conntrack import (
+    ConntrackEdge,
+    EgressFlowFilter,
+    FlowFilter,
+    _doom,
+    _Flow,
+    stale_egress_filters,
+    stale_flow_filters,
+)
+from smartnatd.desired import (
+    MARK_MASK,
+    DesiredState,
+    Dnat,
+    EgressSnat,
+    ExternalEndpoint,
+    ReturnPath,
+    Target,
+    interface_mark,
+)
 from smartnatd.model import MappingKey, Protocol
 
 CLIENT_1 = IPv4Address("192.0.2.2")
@@ -329,6 +347,88 @@ def test_a_virtual_filter_says_so_instead_of_naming_targets() -> None:
     )
 
 
+POD_A, POD_B = IPv4Address("10.244.1.2"), IPv4Address("10.244.2.2")
+SNAT_1, SNAT_2 = IPv4Address("192.0.2.10"), IPv4Address("198.51.100.10")
+MARK_3, MARK_4, MARK_7 = interface_mark(3), interface_mark(4), interface_mark(7)
+
+
+def egress(source: IPv4Address, to: IPv4Address, mark: int) -> EgressSnat:
+    return EgressSnat(source, to, f"ext{mark >> 16}", mark, MappingKey("default", "web"))
+
+
+def test_unchanged_egress_needs_no_filter() -> None:
+    entries = [egress(POD_A, SNAT_1, MARK_3), egress(POD_B, SNAT_2, MARK_4)]
+    assert stale_egress_filters(old=entries, new=list(reversed(entries)), marks={MARK_3, MARK_4}) == ()
+
+
+def test_egress_moved_to_another_interface_deletes_the_pods_flows_under_the_old_entry() -> None:
+    filters = stale_egress_filters(
+        old=[egress(POD_A, SNAT_1, MARK_3), egress(POD_B, SNAT_1, MARK_3)],
+        new=[egress(POD_A, SNAT_2, MARK_4), egress(POD_B, SNAT_1, MARK_3)],
+        marks={MARK_3, MARK_4},
+    )
+    assert filters == (EgressFlowFilter(mark=MARK_3, to=SNAT_1, source=POD_A),)
+
+
+def test_a_new_snat_address_on_the_same_interface_deletes_the_pods_flows() -> None:
+    filters = stale_egress_filters(
+        old=[egress(POD_A, SNAT_1, MARK_3)], new=[egress(POD_A, IPv4Address("192.0.2.11"), MARK_3)], marks={MARK_3}
+    )
+    assert filters == (EgressFlowFilter(mark=MARK_3, to=SNAT_1, source=POD_A),)
+
+
+def test_a_pod_without_egress_any_more_loses_its_egress_flows() -> None:
+    filters = stale_egress_filters(old=[egress(POD_B, SNAT_2, MARK_4)], new=[], marks={MARK_3, MARK_4})
+    assert filters == (EgressFlowFilter(mark=MARK_4, to=SNAT_2, source=POD_B),)
+
+
+def test_a_mark_no_interface_has_any_more_is_one_filter_for_every_pod() -> None:
+    # ext3 came back as ext7: no pod's egress can be made with the old mark now.
+    filters = stale_egress_filters(
+        old=[egress(POD_A, SNAT_1, MARK_3), egress(POD_B, SNAT_1, MARK_3)],
+        new=[egress(POD_A, SNAT_1, MARK_7), egress(POD_B, SNAT_1, MARK_7)],
+        marks={MARK_7, MARK_4},
+    )
+    assert filters == (EgressFlowFilter(mark=MARK_3, to=SNAT_1, source=None),)
+    assert str(filters[0]) == f"egress from any pod mark={MARK_3:#x} snat={SNAT_1}"
+
+
+def test_added_egress_needs_no_filter() -> None:
+    assert stale_egress_filters(old=[], new=[egress(POD_A, SNAT_1, MARK_3)], marks={MARK_3}) == ()
+
+
+def egress_flow(source: IPv4Address, *, to: IPv4Address, mark: int, status: int = IPS_SRC_NAT) -> _Flow:
+    """A dumped flow from `source` to the outside peer 203.0.113.10:9000 whose replies go to `to`."""
+    return _Flow(
+        protocol=Protocol.UDP,
+        source=source,
+        source_port=40000,
+        destination=IPv4Address("203.0.113.10"),
+        destination_port=9000,
+        reply_source=IPv4Address("203.0.113.10"),
+        reply_source_port=9000,
+        reply_destination=to,
+        mark=mark,
+        status=status,
+        id=1,
+        zone=None,
+    )
+
+
+def test_an_egress_filter_matches_only_snated_undnated_flows_with_its_mark_and_address() -> None:
+    flt = EgressFlowFilter(mark=MARK_3, to=SNAT_1, source=POD_A)
+    assert flt.matches(egress_flow(POD_A, to=SNAT_1, mark=MARK_3))
+    assert not flt.matches(egress_flow(POD_B, to=SNAT_1, mark=MARK_3))  # another pod
+    assert not flt.matches(egress_flow(POD_A, to=SNAT_1, mark=MARK_4))  # made under another entry
+    assert not flt.matches(egress_flow(POD_A, to=SNAT_2, mark=MARK_3))
+    assert not flt.matches(egress_flow(POD_A, to=POD_A, mark=MARK_3, status=0))  # to an internal peer
+    assert not flt.matches(egress_flow(POD_A, to=SNAT_1, mark=MARK_3, status=IPS_SRC_NAT | IPS_DST_NAT))
+    # The box's own flow from the egress address, marked alike: never SNATed.
+    anyone = EgressFlowFilter(mark=MARK_3, to=SNAT_1, source=None)
+    assert anyone.matches(egress_flow(POD_B, to=SNAT_1, mark=MARK_3))
+    assert not anyone.matches(egress_flow(SNAT_1, to=SNAT_1, mark=MARK_3, status=0))
+
+
 def dumped(source: IPv4Address, to: ExternalEndpoint, reply: Target) -> _Flow:
     """A dumped entry from `source` to `to` that the kernel answered from `reply`."""
     return _Flow(
@@ -339,6 +439,7 @@ def dumped(source: IPv4Address, to: ExternalEndpoint, reply: Target) -> _Flow:
         destination_port=to.port,
         reply_source=reply.address,
         reply_source_port=reply.port,
+        reply_destination=source,
         mark=MARK,
         status=0,
         id=1,
