@@ -392,6 +392,21 @@ def _unclaimed(m: Mapping, settings: Settings) -> Verdict:
     )
 
 
+def _refused_verdict(
+    m: Mapping, reason: str, *, here_only: bool, service_vip: IPv4Address | None, pod_ips: tuple[IPv4Address, ...]
+) -> Verdict:
+    """Every target of a port refused. For a range (loopback...) every appliance says the same,
+    so the Mapping is Waiting. For this box's own addresses only this box refuses: it is not
+    served here (NotLocal, a per-appliance state) rather than Waiting, which would set the
+    shared Ready condition against what the other appliances of a pair write, back and forth."""
+    if here_only:
+        return _verdict(
+            m, VerdictKind.NOT_LOCAL, f"{reason}; not served by this appliance", TARGET_REFUSED,
+            service_vip=service_vip, pod_ips=pod_ips,
+        )
+    return _verdict(m, VerdictKind.WAITING, reason, TARGET_REFUSED, service_vip=service_vip)
+
+
 def _conflict(m: Mapping, ext: ExternalEndpoint, owner: MappingKey) -> Verdict:
     return _verdict(
         m,
@@ -457,9 +472,9 @@ def _serve(
             why = _refusal(int(service.cluster_ip), own)
             if why and (here or why != OWN_ADDRESS):
                 return _Outcome(
-                    _verdict(
-                        m, VerdictKind.WAITING, f"Service {service.key}: ClusterIP {service.cluster_ip} ({why}) refused",
-                        TARGET_REFUSED, service_vip=service.cluster_ip,
+                    _refused_verdict(
+                        m, f"Service {service.key}: ClusterIP {service.cluster_ip} ({why}) refused",
+                        here_only=why == OWN_ADDRESS, service_vip=service.cluster_ip, pod_ips=pod_ips,
                     )
                 )
             targets_per_port.append(((Target(service.cluster_ip, p.service_port),) if not why else (), ()))
@@ -469,15 +484,14 @@ def _serve(
             refused.update(left_out)
             # This box's own addresses are refused only where it serves the Mapping: elsewhere
             # it is NotLocal below, as it would be on the other appliances of a pair.
-            if not targets and (here or any(why != OWN_ADDRESS for _, why in left_out.values())):
+            here_only = all(why == OWN_ADDRESS for _, why in left_out.values())
+            if not targets and (here or not here_only):
                 return _Outcome(
-                    _verdict(
+                    _refused_verdict(
                         m,
-                        VerdictKind.WAITING,
                         f"Service {service.key}: {_refused_text(left_out)} refused; "
                         f"no other endpoint is ready for port {sp.port}/{sp.protocol.upper()}",
-                        TARGET_REFUSED,
-                        service_vip=service.cluster_ip,
+                        here_only=here_only, service_vip=service.cluster_ip, pod_ips=pod_ips,
                     )
                 )
         if not targets and not left_out:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from smartnatd.planner import Plan, Verdict, VerdictKind
+from smartnatd.planner import TARGET_REFUSED, Plan, Verdict, VerdictKind
 
 
 def log_transitions(plan: Plan, previous: Plan | None, *, log: logging.Logger) -> None:
@@ -34,4 +34,6 @@ def log_transitions(plan: Plan, previous: Plan | None, *, log: logging.Logger) -
 
 
 def _problem(v: Verdict) -> bool:
-    return not v.ok and v.kind != VerdictKind.DELETING
+    # A NotLocal verdict is a problem when this box refused the Mapping's targets, not just
+    # because its addresses are elsewhere.
+    return (not v.ok and v.kind != VerdictKind.DELETING) or v.event_reason == TARGET_REFUSED

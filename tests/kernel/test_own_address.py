@@ -97,15 +97,15 @@ async def test_an_endpoint_that_is_the_appliance_is_skipped_and_the_pod_serves(
     assert len(echo_servers["pod1", "tcp"].peers) == 30
 
 
-async def test_a_mapping_whose_only_endpoint_is_the_appliance_waits_and_is_not_served(
+async def test_a_mapping_whose_only_endpoint_is_the_appliance_is_not_served_here(
     topology: Topology, echo_servers: EchoServers, dataplane: Dataplane, box_listener: EchoServer
 ):
     p = await apply(topology, dataplane, str(topology.appliance_cluster_address))
     (v,) = p.verdicts
-    assert (v.kind, v.event_reason) == (VerdictKind.WAITING, "TargetRefused")
+    assert (v.kind, v.event_reason) == (VerdictKind.NOT_LOCAL, "TargetRefused")
     assert v.reason == (
         "Service default/web: endpoint 10.10.0.2 (an address of this appliance) refused; "
-        "no other endpoint is ready for port 80/TCP"
+        "no other endpoint is ready for port 80/TCP; not served by this appliance"
     )
     assert p.desired.dnats == ()
 

@@ -204,3 +204,29 @@ def test_long_reasons_are_clipped_below_the_crd_limit() -> None:
     assert len(obj['invalid']) == status.MESSAGE_LIMIT and obj['invalid'].endswith('…')
     assert all(len(c['message']) <= status.MESSAGE_LIMIT for c in obj['conditions'])
     assert write(obj, problem(VerdictKind.INVALID, reason))[1].patch is None
+
+
+def test_an_appliance_refusing_its_own_address_does_not_fight_its_pair_over_ready() -> None:
+    # Box a owns 10.10.0.2 and refuses it as the only endpoint; box b does not own it and
+    # serves the Mapping. Each rewrote the shared Ready condition in turn while box a's
+    # refusal was a Waiting verdict; as NotLocal (per appliance) the shared part agrees.
+    import dataclasses
+
+    from smartnatd.model import Snapshot
+    from smartnatd.planner import plan
+    from tests.builders import HOST, SETTINGS, endpoint_slice, mapping, service
+
+    cluster = dict(mappings=(mapping("a", mode="direct"),), services=(service(),),
+                   endpoint_slices=(endpoint_slice(ready=("10.10.0.2",)),))
+    box_a = dataclasses.replace(HOST, local_addresses=frozenset({IPv4Address("10.10.0.2")}))
+    (on_a,) = plan(Snapshot(host=box_a, **cluster), SETTINGS).verdicts  # type: ignore[arg-type]
+    (on_b,) = plan(Snapshot(host=HOST, **cluster), SETTINGS).verdicts  # type: ignore[arg-type]
+    assert (on_a.kind, on_a.event_reason, on_b.kind) == (VerdictKind.NOT_LOCAL, "TargetRefused", VerdictKind.CONFIGURED)
+
+    st, _ = write({}, on_b, instance="b")
+    st, change = write(st, on_a, instance="a", now=T1)
+    assert not change.shared, change.patch
+    st, change = write(st, on_b, instance="b", now=T2)
+    assert change.patch is None
+    assert conditions(st)["Ready"] == ("True", "Resolved", T0)
+    assert list(st["appliances"]) == ["b"]

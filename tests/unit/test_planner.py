@@ -300,13 +300,15 @@ def test_down_interface_is_not_served_and_reported():
 BOX = dataclasses.replace(HOST, local_addresses=frozenset(map(IPv4Address, ("10.10.0.2", "127.0.0.1"))))
 
 
-def test_an_endpoint_that_is_an_address_of_this_box_is_refused_and_the_mapping_waits():
+def test_an_endpoint_that_is_an_address_of_this_box_is_refused_and_not_served_here():
+    # NotLocal, a per-appliance state: Waiting would set the shared Ready condition to False
+    # while the other appliance of a pair, which does not own 10.10.0.2, writes True.
     p = plan(snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice(ready=("10.10.0.2",))], h=BOX), SETTINGS)
     (v,) = p.verdicts
-    assert (v.kind, v.event_reason) == (VerdictKind.WAITING, "TargetRefused")
+    assert (v.kind, v.event_reason) == (VerdictKind.NOT_LOCAL, "TargetRefused")
     assert v.reason == (
         "Service default/web: endpoint 10.10.0.2 (an address of this appliance) refused; "
-        "no other endpoint is ready for port 80/TCP"
+        "no other endpoint is ready for port 80/TCP; not served by this appliance"
     )
     assert p.desired.dnats == () and v.pod_ips == ()
 
@@ -315,7 +317,7 @@ def test_an_external_address_of_this_box_is_refused_as_an_endpoint_even_without_
     # A Host built without local_addresses (tests, plan from a bare Host) still knows the
     # external interfaces' addresses.
     (v,) = plan(snap(mapping("a", mode="direct"), services=[service()], slices=[endpoint_slice(ready=("198.51.100.10",))]), SETTINGS).verdicts
-    assert (v.kind, v.event_reason) == (VerdictKind.WAITING, "TargetRefused")
+    assert (v.kind, v.event_reason) == (VerdictKind.NOT_LOCAL, "TargetRefused")
 
 
 def test_one_refused_endpoint_of_two_leaves_the_other_serving_and_says_so():
@@ -390,7 +392,8 @@ def test_a_cluster_ip_that_is_an_address_of_this_box_is_refused_in_service_mode(
     p = plan(snap(mapping("a"), services=[service(cluster_ip="10.10.0.2")], h=BOX), SETTINGS)
     (v,) = p.verdicts
     assert (v.kind, v.event_reason, v.reason) == (
-        VerdictKind.WAITING, "TargetRefused", "Service default/web: ClusterIP 10.10.0.2 (an address of this appliance) refused"
+        VerdictKind.NOT_LOCAL, "TargetRefused",
+        "Service default/web: ClusterIP 10.10.0.2 (an address of this appliance) refused; not served by this appliance",
     )
     assert p.desired.dnats == ()
     (v,) = plan(snap(mapping("a"), services=[service(cluster_ip="127.0.0.1")]), SETTINGS).verdicts
