@@ -122,6 +122,7 @@ class KubeWriteback:
         self._outage = False
         self._leases_seen: dict[str, LeaseState | None] = {}
         self._broken: dict[ObjectKey, str] = {}  # Mappings whose write-back raised a surprise, logged once
+        self._finalizers_added: list[ObjectKey] = []  # in this publish, for one log line
 
     # --- the Writeback protocol --------------------------------------------------------
 
@@ -142,9 +143,12 @@ class KubeWriteback:
             # Still failing since the last publish: one write finds out before all of them try.
             await self._guarded(todo[0], now, semaphore)
             todo = todo[1:]
-        async with asyncio.TaskGroup() as tg:
-            for verdict in todo:
-                tg.create_task(self._guarded(verdict, now, semaphore))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for verdict in todo:
+                    tg.create_task(self._guarded(verdict, now, semaphore))
+        finally:
+            self._log_finalizers_added()
         if self._failed_now:
             self._retry_delay = min(RETRY_MAX, max(RETRY_MIN, self._retry_delay * 2))
             self.timer.schedule(self._rng.uniform(self._retry_delay / 2, self._retry_delay))
@@ -153,6 +157,16 @@ class KubeWriteback:
             if self._failing:
                 logger.info("status write-back works again")
                 self._failing = False
+
+    def _log_finalizers_added(self) -> None:
+        # One line per publish: the first start on a cluster of 10k Mappings wrote 5,000 lines.
+        added, self._finalizers_added = sorted(self._finalizers_added), []
+        if len(added) == 1:
+            logger.info("mapping %s: finalizer %s added", added[0], FINALIZER)
+        elif added:
+            named = ", ".join(str(k) for k in added[:3])
+            more = f" and {len(added) - 3} more" if len(added) > 3 else ""
+            logger.info("finalizer %s added to %d Mappings: %s%s", FINALIZER, len(added), named, more)
 
     async def _guarded(self, verdict: Verdict, now: float, semaphore: asyncio.Semaphore) -> None:
         async with semaphore:
@@ -314,7 +328,7 @@ class KubeWriteback:
             if err.status == 404:
                 return None
             raise
-        logger.info("mapping %s: finalizer %s added", key, FINALIZER)
+        self._finalizers_added.append(key)
         self._cache.upsert(obj)
         return obj
 

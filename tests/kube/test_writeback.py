@@ -314,6 +314,30 @@ async def test_a_refused_write_stops_the_batch_backs_off_and_is_logged_once(
     assert 'status write-back works again' in caplog.text
 
 
+async def test_finalizers_added_in_one_pass_are_one_log_line(
+        kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # The first start on a cluster of 10k Mappings logged 5,000 "finalizer added" lines.
+    await kube_api.create_object(SERVICES, service_body())
+    await kube_api.create_object(ENDPOINTSLICES, slice_body())
+    for i in range(5):
+        await kube_api.create_object(MAPPINGS, mapping_body(f'm{i:02}', port=1000 + i))
+    ap1 = await appliances('ap1')
+    await caught_up(kube_api, ap1)
+    caplog.set_level(logging.INFO, logger='smartnatd.kube.writeback')
+    await ap1.sync()
+    assert all(FINALIZER in current(kube_api, f'm{i:02}')['metadata']['finalizers'] for i in range(5))
+    lines = [r.getMessage() for r in caplog.records if 'finalizer' in r.getMessage()]
+    assert lines == [f'finalizer {FINALIZER} added to 5 Mappings: demo/m00, demo/m01, demo/m02 and 2 more']
+
+    caplog.clear()
+    await kube_api.create_object(MAPPINGS, mapping_body('m05', port=1005))
+    await caught_up(kube_api, ap1)
+    await ap1.sync()
+    assert [r.getMessage() for r in caplog.records if 'finalizer' in r.getMessage()] == [
+        f'mapping demo/m05: finalizer {FINALIZER} added'
+    ]
+
+
 async def test_a_write_refused_for_one_mapping_does_not_hold_up_the_others(
         kube_api: KubeEmulator, appliances: Any, caplog: pytest.LogCaptureFixture) -> None:
     await not_local_mappings(kube_api, 5)
