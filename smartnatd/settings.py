@@ -30,6 +30,8 @@ PREFIX = "SNCTRLR_"
 # Settings SmartNat had that mean nothing with nftables; accepted so old env files keep working.
 IGNORED = {"IPTABLES_TIMEOUT_SEC": "smartnatd drives nftables in one transaction; no iptables timeout applies"}
 INT32_MAX = 2**31 - 1
+# Longest link-down hold: beyond five minutes a dead uplink is a failure, not a flap.
+LINK_DOWN_HOLD_MAX = 300
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Settings:
     sync_debounce_ms: int = 10
     lease_namespace: str = "smartnat-system"
     lease_duration_sec: int = 30
+    link_down_hold_sec: int = 5  # an external link down this long is reported down; 0: at once
     # Not a setting: names of the fields whose value came from the environment (for describe()).
     from_env: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -223,6 +226,16 @@ def _ifname(raw: str) -> str:
     return value
 
 
+def _hold_seconds(raw: str) -> int:
+    value = _int(raw)
+    if not 0 <= value <= LINK_DOWN_HOLD_MAX:
+        raise ValueError(
+            f"must be between 0 and {LINK_DOWN_HOLD_MAX} seconds "
+            "(0 drops a link that goes down at once; longer holds keep a dead uplink's addresses served)"
+        )
+    return value
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip()
@@ -292,6 +305,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "sync_debounce_ms": _ranged(0, 60000),
     "lease_namespace": _dns_label,
     "lease_duration_sec": _ranged(5, 3600),
+    "link_down_hold_sec": _hold_seconds,
 }
 
 # Settings a running daemon cannot do without, and why, for the "is not set" sentence.

@@ -58,6 +58,7 @@ def test_defaults_are_smartnats_and_the_documented_new_ones():
     assert settings.sync_debounce_ms == 10
     assert settings.lease_namespace == "smartnat-system"
     assert settings.lease_duration_sec == 30
+    assert settings.link_down_hold_sec == 5
 
 
 def test_instance_name_defaults_to_a_dns_label_from_the_hostname():
@@ -129,6 +130,8 @@ def test_booleans_accept_what_go_parsebool_accepts_as_false(key, raw):
         ("LEASE_NAMESPACE", "smartnat", "smartnat"),
         ("LEASE_DURATION_SEC", "5", 5),
         ("LEASE_DURATION_SEC", "3600", 3600),
+        ("LINK_DOWN_HOLD_SEC", "0", 0),  # no hold: today's behaviour
+        ("LINK_DOWN_HOLD_SEC", "300", 300),
     ],
 )
 def test_good_value_is_parsed(key, raw, expected):
@@ -208,6 +211,9 @@ def test_empty_value_means_the_default(key, raw):
         ("LEASE_NAMESPACE", "a" * 64, "not a namespace name"),
         ("LEASE_DURATION_SEC", "4", "must be between 5 and 3600"),
         ("LEASE_DURATION_SEC", "3601", "must be between 5 and 3600"),
+        ("LINK_DOWN_HOLD_SEC", "-1", "must be between 0 and 300 seconds"),
+        ("LINK_DOWN_HOLD_SEC", "301", "must be between 0 and 300 seconds"),
+        ("LINK_DOWN_HOLD_SEC", "1.5", "not a whole number"),
     ],
 )
 def test_bad_value_is_one_sentence_naming_variable_and_value(key, raw, sentence):
