@@ -205,6 +205,10 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
         default_gw_interface=settings.default_gw_interface,
         on_change=lambda: store.set_host(host_watcher.host) if host_watcher.host is not None else None,
         refresh_period=float(settings.autorefresh_period_sec),
+        link_down_hold=float(settings.link_down_hold_sec),
+        # A held link that came back lost its routes (an admin down deletes them): a full pass
+        # re-reads the kernel's routes and puts them back.
+        on_link_bounce=reconciler.request_full_resync,
     )
     try:
         async with asyncio.TaskGroup() as tg:

@@ -4,6 +4,14 @@ the box: a source, like a Kubernetes watch.
 discover() reads links and addresses once. HostWatcher keeps a current Host: it subscribes to
 link and IPv4 address events, re-discovers after each burst of them (plus a periodic safety
 refresh) and calls on_change() when what it saw differs. It never touches the kernel state.
+
+Link-down hold: an external interface that was reported up and goes down (administratively
+or without carrier) is still reported up, with the addresses it has, until it has stayed down
+for `link_down_hold` seconds. Back up within that time, nothing is reported, so a short flap
+re-plans nothing and deletes no connection; on_link_bounce() is called instead, because an
+administrative down made the kernel delete every route through the link (smartnatd's
+per-interface table included) and someone must put them back. Removal of the link, a new
+ifindex or name, and address changes are never held.
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from socket import AF_INET
@@ -27,6 +37,7 @@ from smartnatd.settings import InterfacePattern
 logger = logging.getLogger(__name__)
 
 _IFF_UP = 0x1
+_IFF_LOWER_UP = 0x10000  # carrier
 _IFA_F_SECONDARY = 0x1
 # RFC 2863 states in which an interface passes packets; UNKNOWN is what drivers without
 # carrier reporting (dummy, some virtual NICs) show while working.
@@ -48,8 +59,7 @@ async def discover(
         name = msg.get_attr("IFLA_IFNAME")
         if not name or name == default_gw_interface or not pattern.search(name):
             continue
-        up = bool(msg["flags"] & _IFF_UP) and msg.get_attr("IFLA_OPERSTATE") in _OPER_UP
-        links[msg["index"]] = (name, up)
+        links[msg["index"]] = (name, _link_up(msg))
 
     addresses: dict[int, list[tuple[bool, IPv4Interface]]] = {index: [] for index in links}
     everywhere: set[IPv4Address] = set()
@@ -83,6 +93,16 @@ async def discover(
     )
 
 
+def _link_up(msg: Any) -> bool:
+    return bool(msg["flags"] & _IFF_UP) and msg.get_attr("IFLA_OPERSTATE") in _OPER_UP
+
+
+def _link_down_now(msg: Any) -> bool:
+    """Down by the flags of a link event. Not by its operstate: that lags (a link coming up is
+    announced as up with the old operstate, then again when the state catches up)."""
+    return msg["flags"] & (_IFF_UP | _IFF_LOWER_UP) != _IFF_UP | _IFF_LOWER_UP
+
+
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
@@ -94,10 +114,19 @@ def read_ip_forward(path: Path = IP_FORWARD) -> bool | None:
         return None
 
 
+@dataclass(frozen=True)
+class _Hold:
+    """An interface reported up while it is down, since `since` (the watcher's clock)."""
+
+    name: str
+    since: float
+
+
 class HostWatcher:
     """Keeps `host` current and calls `on_change()` each time it differs from the last one.
 
-    The first discovery counts as a change (from nothing) and sets `synced`.
+    The first discovery counts as a change (from nothing) and sets `synced`. See the module
+    docstring for `link_down_hold` and `on_link_bounce`.
     """
 
     def __init__(
@@ -108,15 +137,27 @@ class HostWatcher:
         default_gw_interface: str,
         on_change: Callable[[], None],
         refresh_period: float,
+        link_down_hold: float = 0.0,
+        on_link_bounce: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if refresh_period <= 0:
             raise ValueError(f"refresh_period {refresh_period} must be positive")
+        if link_down_hold < 0:
+            raise ValueError(f"link_down_hold {link_down_hold} must not be negative")
         self._netns = netns
         self._pattern = pattern
         self._default_gw_interface = default_gw_interface
         self._on_change = on_change
         self._refresh_period = refresh_period
+        self._hold_time = link_down_hold
+        self._on_link_bounce = on_link_bounce
+        self._clock = clock
         self._host: Host | None = None
+        self._holds: dict[int, _Hold] = {}  # ifindex -> hold, for interfaces reported up while down
+        # Ifindexes a link event showed down since the last discovery: a flap quicker than the
+        # discovery still bounced the link (and cost it its routes) though both dumps saw it up.
+        self._went_down: set[int] = set()
         self.synced = asyncio.Event()
 
     @property
@@ -137,10 +178,10 @@ class HostWatcher:
                     wake.clear()
                     await self._refresh(dumper)
                     try:
-                        async with asyncio.timeout(self._refresh_period):
+                        async with asyncio.timeout(self._next_wake()):
                             await wake.wait()
                     except TimeoutError:
-                        pass  # periodic safety refresh, in case an event was lost
+                        pass  # a hold ran out, or the periodic safety refresh (an event was lost)
         finally:
             events.close()  # normally closed by _listen already; closing twice is harmless
 
@@ -158,9 +199,11 @@ class HostWatcher:
         try:
             while True:
                 try:
-                    async for _ in sock.get():
+                    async for msg in sock.get():
                         # Any link or IPv4 address message, of any interface (an address on the
                         # cluster side or on lo matters too); discovery decides whether it mattered.
+                        if msg.get("event") == "RTM_NEWLINK" and _link_down_now(msg):
+                            self._went_down.add(msg["index"])
                         wake.set()
                 except (NetlinkError, OSError) as err:
                     if _code(err) != errno.ENOBUFS:
@@ -174,11 +217,23 @@ class HostWatcher:
         finally:
             sock.close()
 
+    def _next_wake(self) -> float:
+        """Seconds until the next discovery without an event: the periodic refresh, or sooner
+        the end of a hold (a link that stays down sends no event when its hold runs out)."""
+        left = [self._refresh_period]
+        left += [hold.since + self._hold_time - self._clock() for hold in self._holds.values()]
+        return max(0.0, min(left))
+
     async def _refresh(self, dumper: AsyncIPRoute) -> None:
-        host = await discover(
+        # Taken before the dump: an event arriving during it wakes us for one more discovery.
+        went_down, self._went_down = self._went_down, set()
+        seen = await discover(
             dumper, pattern=self._pattern, default_gw_interface=self._default_gw_interface,
             own_namespace=self._netns is None,
         )
+        host, bounced = self._held(seen, went_down=went_down)
+        if bounced and self._on_link_bounce is not None:
+            self._on_link_bounce()
         if host == self._host:
             return
         previous, self._host = self._host, host
@@ -187,6 +242,44 @@ class HostWatcher:
             logger.debug("host interfaces were %s", _summary(previous))
         self.synced.set()
         self._on_change()
+
+    def _held(self, seen: Host, *, went_down: set[int]) -> tuple[Host, bool]:
+        """`seen` with the interfaces under a hold reported up; and whether a reported-up link
+        went down and came back (its routes need restoring)."""
+        was = {iface.index: iface for iface in self._host.interfaces} if self._host else {}
+        now = self._clock()
+        bounced = False
+        present = {iface.index: iface.name for iface in seen.interfaces}
+        for index, ended in list(self._holds.items()):
+            if present.get(index) != ended.name:
+                # Deleted, renamed, or re-created under a new ifindex: reported at once.
+                del self._holds[index]
+                logger.info("%s gone while held; reporting it at once", ended.name)
+        interfaces: list[HostInterface] = []
+        for iface in seen.interfaces:
+            before = was.get(iface.index)
+            reported_up = before is not None and before.up and before.name == iface.name
+            hold = self._holds.get(iface.index)
+            if iface.up:
+                if hold is not None:
+                    del self._holds[iface.index]
+                    logger.info("%s up again after %.1fs; state kept", iface.name, now - hold.since)
+                    bounced = True
+                elif reported_up and iface.index in went_down:
+                    logger.info("%s went down and up again; state kept", iface.name)
+                    bounced = True
+            elif reported_up and self._hold_time > 0:
+                if hold is None:
+                    hold = self._holds[iface.index] = _Hold(name=iface.name, since=now)
+                    logger.info("%s down; holding its state for %gs", iface.name, self._hold_time)
+                if now - hold.since < self._hold_time:
+                    # As it was, but with the addresses it has now: address changes are never held.
+                    interfaces.append(replace(iface, up=True))
+                    continue
+                del self._holds[iface.index]
+                logger.info("%s still down after %gs; reporting it down", iface.name, self._hold_time)
+            interfaces.append(iface)
+        return replace(seen, interfaces=tuple(interfaces)), bounced
 
 
 def _code(err: BaseException) -> Any:

@@ -20,6 +20,13 @@ What smartnatd owns, and therefore may change or delete:
 Everything else (the main table, other protocols, other priorities) is never touched, with one
 exception: a route sitting in exactly the slot (table, destination) that a desired route needs
 in an owned table is overwritten, since that table id is configured as smartnatd's.
+
+Links going down: `ip link set X down` makes the kernel delete every route through X, ours
+included (rules stay); a carrier loss keeps them, flagged `linkdown`. While the host watcher
+holds a down link as up (SNCTRLR_LINK_DOWN_HOLD_SEC), its routes cannot be put back: the
+kernel refuses a route through a down link (ENETDOWN). apply() then leaves that table as the
+kernel has it, without failing the pass; when the link comes back the watcher asks for a full
+pass, whose apply() reads the kernel's routes again and restores them.
 """
 
 from __future__ import annotations
@@ -227,6 +234,7 @@ class RoutingEdge:
         seen_rules = await self._owned_rules()
         failures: list[str] = []
         failed_tables: set[int] = set()
+        down_tables: set[int] = set()  # their link is down: the kernel takes no route through it
         added = replaced = deleted = 0
 
         seen_by_key: dict[_RouteKey, list[_SeenRoute]] = {}
@@ -234,7 +242,7 @@ class RoutingEdge:
             seen_by_key.setdefault(seen.key, []).append(seen)
         for want in desired_routes:
             slot = seen_by_key.get(want.key, [])
-            if len(slot) == 1 and slot[0].route == want.route:
+            if want.key.table in down_tables or (len(slot) == 1 and slot[0].route == want.route):
                 continue
             try:
                 if len(slot) > 1:
@@ -242,7 +250,13 @@ class RoutingEdge:
                     # just one of them, so empty the slot first.
                     for seen in slot:
                         await self._delete_route(seen)
-                await self._replace_route(want)
+                if not await self._replace_route(want):
+                    down_tables.add(want.key.table)
+                    logger.info(
+                        "routes of %s left out: the link is down; they are restored when it is back up",
+                        want.interface,
+                    )
+                    continue
             except NetlinkApplyError as err:
                 failures.append(str(err))
                 failed_tables.add(want.key.table)
@@ -409,7 +423,8 @@ class RoutingEdge:
             raise NetlinkApplyError(f"could not list ip rules: {_describe(err)}") from err
         return seen
 
-    async def _replace_route(self, want: _DesiredRoute) -> None:
+    async def _replace_route(self, want: _DesiredRoute) -> bool:
+        """Creates or overwrites the route; False when its link is down (the kernel refuses it)."""
         spec: dict[str, Any] = {
             "family": AF_INET,
             "table": want.key.table,
@@ -429,10 +444,13 @@ class RoutingEdge:
             # a route someone else put at exactly our slot in our table is taken over.
             await self._socket.route("replace", **spec)
         except (NetlinkError, OSError) as err:
+            if _code(err) == errno.ENETDOWN:
+                return False
             raise NetlinkApplyError(
                 f"interface {want.interface}: could not set route {want.describe()}: {_describe(err)}"
             ) from err
         logger.debug("route set %s", want.describe())
+        return True
 
     async def _delete_route(self, seen: _SeenRoute) -> bool:
         try:
@@ -573,8 +591,12 @@ def _parse_rule(msg: Any, *, table: int, priority: int, mark: int) -> _SeenRule:
     return _SeenRule(rule=rule, delete_spec=delete_spec)
 
 
+def _code(err: BaseException) -> Any:
+    return getattr(err, "code", None) or getattr(err, "errno", None)
+
+
 def _describe(err: BaseException) -> str:
-    code = getattr(err, "code", None) or getattr(err, "errno", None)
+    code = _code(err)
     if isinstance(code, int) and code in errno.errorcode:
         return f"{os.strerror(code)} ({errno.errorcode[code]})"
     return str(err) or type(err).__name__

@@ -32,6 +32,7 @@ from pyroute2 import AsyncIPRoute
 
 from smartnatd.host import HostWatcher, discover
 from smartnatd.model import Host, HostInterface
+from tests.kernel.harness import async_wait_until
 
 pytestmark = [
     pytest.mark.kernel,
@@ -281,3 +282,122 @@ def test_ip_forward_unreadable_is_unknown(tmp_path) -> None:
     from smartnatd.host import read_ip_forward
 
     assert read_ip_forward(tmp_path / "missing") is None
+
+
+# --- link-down hold ------------------------------------------------------------------------------
+
+HOLD = 1.0  # seconds; short, so the tests stay fast
+
+
+@dataclass
+class Held:
+    watcher: HostWatcher
+    changes: Changes
+    bounces: Changes
+    log: pytest.LogCaptureFixture
+
+    def ext1(self) -> HostInterface:
+        assert self.watcher.host is not None
+        return next(i for i in self.watcher.host.interfaces if i.name == "ext1")
+
+    async def wait_for_log(self, text: str, *, timeout: float = 5) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log.text:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {text!r}; log:\n{self.log.text}")
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def held(box: str, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Held]:
+    changes, bounces = Changes(), Changes()
+    watcher = HostWatcher(
+        netns=box, pattern=PATTERN, default_gw_interface=DEFAULT_GW, on_change=changes, refresh_period=300,
+        link_down_hold=HOLD, on_link_bounce=bounces,
+    )
+    caplog.set_level(logging.INFO, logger="smartnatd.host")
+    task = asyncio.create_task(watcher.run())
+    try:
+        async with asyncio.timeout(10):
+            await watcher.synced.wait()
+        yield Held(watcher, changes, bounces, caplog)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_link_back_up_within_the_hold_reports_no_change_and_asks_for_its_routes(
+    box: str, held: Held
+) -> None:
+    before = held.watcher.host
+
+    await ash("ip", "-n", box, "link", "set", "ext1", "down")
+    await held.wait_for_log("ext1 down; holding its state for 1s")
+    await ash("ip", "-n", box, "link", "set", "ext1", "up")
+    await held.wait_for_log("ext1 up again after")
+
+    assert (held.changes.count, held.bounces.count) == (1, 1)
+    assert held.watcher.host == before
+    # Past the hold nothing is reported late.
+    await asyncio.sleep(HOLD + 0.3)
+    assert (held.changes.count, held.bounces.count) == (1, 1)
+
+
+async def test_a_flap_quicker_than_discovery_still_asks_for_its_routes(box: str, held: Held) -> None:
+    # Down and up in one process: discovery may well see ext1 up both times.
+    sh("ip", "-n", box, "-batch", "-", stdin="link set ext1 down\nlink set ext1 up\n")
+    await async_wait_until(lambda: held.bounces.count == 1, timeout=5)
+
+    assert held.changes.count == 1 and held.ext1().up
+
+
+async def test_a_link_carrier_loss_is_held_too(box: str, held: Held) -> None:
+    await ash("ip", "-n", box, "link", "set", "peer1", "down")  # ext1 admin up, no carrier
+    await held.wait_for_log("ext1 down; holding its state for 1s")
+    await ash("ip", "-n", box, "link", "set", "peer1", "up")
+    await held.wait_for_log("ext1 up again after")
+
+    assert (held.changes.count, held.bounces.count) == (1, 1) and held.ext1().up
+
+
+async def test_a_link_down_longer_than_the_hold_is_reported_down_when_it_ends(box: str, held: Held) -> None:
+    start = time.monotonic()
+    await ash("ip", "-n", box, "link", "set", "ext1", "down")
+    await wait_for_host(held.watcher, lambda h: not h.interfaces[0].up, timeout=5, what="ext1 reported down")
+
+    assert time.monotonic() - start >= HOLD
+    assert "ext1 still down after 1s; reporting it down" in held.log.text
+    assert (held.changes.count, held.bounces.count) == (2, 0)
+    # Back up after the hold: an ordinary change, reported at once.
+    await ash("ip", "-n", box, "link", "set", "ext1", "up")
+    await wait_for_host(held.watcher, lambda h: h.interfaces[0].up, timeout=5, what="ext1 up")
+    assert (held.changes.count, held.bounces.count) == (3, 0)
+
+
+async def test_an_address_removed_during_a_hold_is_reported_at_once(box: str, held: Held) -> None:
+    await ash("ip", "-n", box, "link", "set", "ext1", "down")
+    await held.wait_for_log("ext1 down; holding its state for 1s")
+    await ash("ip", "-n", box, "addr", "del", "198.51.100.10/24", "dev", "ext1")
+    await wait_for_host(
+        held.watcher, lambda h: IPv4Interface("198.51.100.10/24") not in addresses_of(h, "ext1"),
+        timeout=HOLD / 2, what="the address removal, within the hold",
+    )
+
+    assert held.ext1().up  # the link itself is still held
+    assert held.ext1().addresses == (IPv4Interface("192.0.2.10/24"), IPv4Interface("192.0.2.11/24"))
+
+
+async def test_a_link_recreated_during_a_hold_is_reported_at_once(box: str, held: Held) -> None:
+    old = held.ext1().index
+    await ash("ip", "-n", box, "link", "set", "ext1", "down")
+    await held.wait_for_log("ext1 down; holding its state for 1s")
+    await ash("ip", "-n", box, "link", "del", "ext1")  # its peer peer1 goes with it
+    await ash("ip", "-n", box, "link", "add", "ext1", "type", "veth", "peer", "name", "peer1")
+    await wait_for_host(
+        held.watcher, lambda h: h.interfaces[0].name == "ext1" and h.interfaces[0].index != old,
+        timeout=HOLD / 2, what="the new ext1, within the hold",
+    )
+
+    assert "ext1 gone while held; reporting it at once" in held.log.text
+    assert held.ext1() == HostInterface(name="ext1", index=ifindex(box, "ext1"), addresses=(), up=False)
