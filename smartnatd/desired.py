@@ -20,6 +20,11 @@ MAX_MARKED_IFINDEX = MARK_MASK >> MARK_SHIFT
 # lets a specific main-table route win for those, while replies to clients keep strictly to the
 # interface they came in on.
 EGRESS_MARK = 0x10000000
+# On the conntrack entry (never the packet) of a connection to a Mapping's external endpoint that
+# came in on a non-external interface: a pod calling a Mapping of the box (hairpin). Such a
+# connection is masqueraded, so its target answers through the box, and its replies route by
+# the main table, back into the cluster.
+HAIRPIN_MARK = 0x20000000
 
 
 def interface_mark(ifindex: int) -> int:

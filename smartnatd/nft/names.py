@@ -27,6 +27,9 @@ FILTER_PREROUTING = "filter-prerouting"
 NAT_PREROUTING = "nat-prerouting"
 NAT_POSTROUTING = "nat-postrouting"
 
+# Marks a new connection to an external endpoint by the interface it came in on.
+MARK_CONNECTION = "mark-connection"
+
 # Spread chains are static, one per number of targets: "spread-<k>".
 SPREAD_PREFIX = "spread-"
 

@@ -22,7 +22,16 @@ from itertools import compress, count
 from socket import inet_ntoa
 from typing import Any
 
-from smartnatd.desired import EGRESS_MARK, MARK_MASK, DesiredState, Dnat, EgressSnat, Target, allows_anyone
+from smartnatd.desired import (
+    EGRESS_MARK,
+    HAIRPIN_MARK,
+    MARK_MASK,
+    DesiredState,
+    Dnat,
+    EgressSnat,
+    Target,
+    allows_anyone,
+)
 from smartnatd.nft import names as n
 
 L4 = "meta l4proto { tcp, udp, sctp }"
@@ -265,9 +274,12 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
         # direction only: a reply to the box's own traffic (an NTP or DNS client whose local
         # port is a mapped one) is no client of the Mapping.
         f"ct direction original {KEY} vmap @{n.SOURCE_FILTERS}",
-        # Remember the ingress interface of every connection we serve, for its replies. The set
-        # lookup comes first so its element counters see every client packet, not only the first.
-        f"{KEY} @{n.EXTERNAL_PORTS} ct state new ct mark set iifname map @{n.INTERFACE_MARKS}",
+        # A backend pod's own new connection leaves by its Mapping's interface (egress SNAT);
+        # the next rule takes that mark back when the connection is to a Mapping of the box.
+        f"ct state new iifname != @{n.EXTERNAL_INTERFACES} ct mark set ip saddr map @{n.EGRESS_MARKS}",
+        # Remember where every connection we serve came in, for its replies. The set lookup
+        # comes first so its element counters see every client packet, not only the first.
+        f"{KEY} @{n.EXTERNAL_PORTS} ct state new jump {n.MARK_CONNECTION}",
     ]
     if desired.drop_unmapped:
         # Only new connections: replies to the box's own traffic from these addresses still pass.
@@ -275,7 +287,6 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
             f"ct state new ip daddr @{n.MANAGED_ADDRESSES} {L4} {KEY} != @{n.EXTERNAL_PORTS} counter drop"
         )
     prerouting += [
-        f"ct state new iifname != @{n.EXTERNAL_INTERFACES} ct mark set ip saddr map @{n.EGRESS_MARKS}",
         # Copy the mark to the packet only from the cluster side: original-direction packets
         # from clients must route normally. Replies to clients leave by their interface's
         # table; a pod's own connection (egress) carries EGRESS_MARK as well, so a specific
@@ -286,7 +297,17 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
         f"ct direction original iifname != @{n.EXTERNAL_INTERFACES} ct mark & {mask} != 0 "
         f"meta mark set ct mark & {mask} | 0x{EGRESS_MARK:08x}",
     ]
-    postrouting = []
+    mark_connection = (
+        # From a client outside: its interface's mark routes the replies back out of it.
+        f"ct mark set iifname map @{n.INTERFACE_MARKS}",
+        # From the cluster side (a pod calling a Mapping of the box, its traffic routed through
+        # here): a hairpin. No interface mark, so replies route by the main table, back inside.
+        f"iifname != @{n.EXTERNAL_INTERFACES} ct mark set 0x{HAIRPIN_MARK:08x}",
+    )
+    # A hairpin is masqueraded whatever SETUP_MASQUERADE says: the target would otherwise answer
+    # the pod directly (the cluster routes pod to pod), and the pod drops an answer that does not
+    # come from the address it called. Postrouting has no input interface: the mark tells.
+    postrouting = [f"ct mark & 0x{HAIRPIN_MARK:08x} == 0x{HAIRPIN_MARK:08x} masquerade"]
     if desired.masquerade:
         postrouting.append(f"ct status dnat ct mark & {mask} != 0 oifname != @{n.EXTERNAL_INTERFACES} masquerade")
     postrouting.append(f"oifname @{n.EXTERNAL_INTERFACES} snat ip to ip saddr map @{n.EGRESS_SOURCES}")
@@ -303,6 +324,7 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
         ),
         # srcnat - 10: ahead of kube-proxy's masquerade.
         NftChain(n.NAT_POSTROUTING, "type nat hook postrouting priority srcnat - 10; policy accept;", tuple(postrouting)),
+        NftChain(n.MARK_CONNECTION, rules=mark_connection),
     ) + _spread_chains(SPREAD_MAX)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from smartnatd.desired import EGRESS_MARK, HAIRPIN_MARK, MARK_MASK
 from smartnatd.model import Snapshot
 from smartnatd.nft import names
 from smartnatd.nft.render import diff, render
@@ -89,3 +90,31 @@ def test_diff_needs_full_pass_when_base_chain_hook_changes():
     b = render(desired_of(mapping("a"), settings=dataclasses.replace(SETTINGS, setup_masquerade=False)))
     step = diff(a, b)
     assert step is not None and "flush chain ip smartnat nat-postrouting" in step.text
+
+
+def test_hairpin_mark_is_a_bit_of_its_own():
+    # Apart from the interface marks, the egress bit, and kube-proxy's 0x4000/0x8000.
+    assert HAIRPIN_MARK & (MARK_MASK | EGRESS_MARK | 0xC000) == 0
+    assert HAIRPIN_MARK & (HAIRPIN_MARK - 1) == 0
+
+
+@pytest.mark.parametrize("masquerade", [True, False], ids=["masquerade", "no-masquerade"])
+def test_hairpin_connections_are_masqueraded_whatever_setup_masquerade_says(masquerade):
+    settings = dataclasses.replace(SETTINGS, setup_masquerade=masquerade)
+    rules = render(desired_of(mapping("a"), settings=settings)).chain(names.NAT_POSTROUTING).rules
+    assert rules[0] == "ct mark & 0x20000000 == 0x20000000 masquerade"
+    assert sum("masquerade" in r for r in rules) == (2 if masquerade else 1)
+
+
+def test_a_pods_connection_to_a_mapping_is_marked_a_hairpin_after_its_egress_mark():
+    # The egress mark comes first, so the hairpin mark replaces it: replies of a hairpin must
+    # route by the main table, not by the pod's egress interface's table.
+    rs = render(desired_of(mapping("a", mode="direct"), settings=dataclasses.replace(SETTINGS, setup_snat=True)))
+    rules = rs.chain(names.FILTER_PREROUTING).rules
+    egress = next(i for i, r in enumerate(rules) if f"@{names.EGRESS_MARKS}" in r)
+    marked = next(i for i, r in enumerate(rules) if f"jump {names.MARK_CONNECTION}" in r)
+    assert egress < marked
+    assert rs.chain(names.MARK_CONNECTION).rules == (
+        f"ct mark set iifname map @{names.INTERFACE_MARKS}",
+        f"iifname != @{names.EXTERNAL_INTERFACES} ct mark set 0x20000000",
+    )
