@@ -6,6 +6,9 @@ under the old rules keep going where they went (a long-lived UDP flow to a remov
 This module computes which flows are stale (`stale_flow_filters`, pure) and deletes exactly those
 (`ConntrackEdge`). It never flushes the table: flows the plan still allows keep running through
 restarts and resyncs (kubernetes/kubernetes:pkg/proxy/conntrack/cleanup.go does the same).
+A pod's hairpin flow (a pod calling a Mapping's external endpoint through the box, masqueraded,
+conntrack mark HAIRPIN_MARK) is a flow to that endpoint like a client's: the filters select by
+original destination, reply source and original source, never by mark, so they take it too.
 
 Pods' own connections through the box (egress SNAT) follow their conntrack entry the same way:
 the entry holds the mark that routes them (their interface's) and the address they were SNATed
@@ -15,7 +18,8 @@ made under the old entry and `ConntrackEdge.delete_egress` deletes them; the nex
 over under the new rules. Only the packet mark carries EGRESS_MARK, not the conntrack mark, so an
 egress flow is told by what only the egress rules make: original source a pod, conntrack mark an
 interface's, replies addressed to the egress address it was SNATed to. Clients' flows (replies go
-to the client) and the box's own (original source the box) never match.
+to the client), pods' hairpin flows (DNATed) and the box's own (original source the box) never
+match.
 
 Kernel mechanism (pyroute2 0.9.7; its sync `Conntrack` fails inside a running event loop, so
 `AsyncConntrack(netns=…, flags=0)`, opened once):
@@ -598,12 +602,14 @@ class ConntrackEdge:
         """Delete DNATed flows marked inside `mark_mask` whose destination is no known endpoint,
         and, when `egress` is given, pods' egress flows that it does not route the same way.
 
-        The former are flows of Mappings deleted while the daemon was down. Only DNATed flows
-        count there: pod egress connections carry the same marks. Those are judged against
-        `egress`, the plan's entries: an egress flow (SNATed, not DNATed, marked) from a pod
-        survives when the plan still gives that pod its mark and SNAT address; it goes when
-        its interface's mark is gone (re-created with a new ifindex while the daemon was down),
-        its SNAT address or interface changed, or the pod has no egress entry any more.
+        The former are flows of Mappings deleted while the daemon was down: clients' (an
+        interface's mark) and pods' hairpin flows (HAIRPIN_MARK), when `mark_mask` holds both.
+        Only DNATed flows count there: pod egress connections carry the interface marks too.
+        Those are judged against `egress`, the plan's entries: an egress flow (SNATed, not
+        DNATed, marked) from a pod survives when the plan still gives that pod its mark and SNAT
+        address; it goes when its interface's mark is gone (re-created with a new ifindex while
+        the daemon was down), its SNAT address or interface changed, or the pod has no egress
+        entry any more.
         """
         deleted = await self._sweep_endpoints(mark_mask=mark_mask, known=known)
         if egress is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smartnatd.conntrack import ConntrackEdge, EgressFlowFilter, FlowFilter, stale_egress_filters, stale_flow_filters
-from smartnatd.desired import MARK_MASK, DesiredState, EgressSnat, ExternalEndpoint
+from smartnatd.desired import HAIRPIN_MARK, MARK_MASK, DesiredState, EgressSnat, ExternalEndpoint
 from smartnatd.errors import DataplaneError
 from smartnatd.nft import names
 from smartnatd.nft.render import Renderer, Ruleset, cleanup_text
@@ -192,7 +192,10 @@ class Dataplane:
             deleted = await self._conntrack.delete(cleanup.filters) if cleanup.filters else 0
             deleted += await self._conntrack.delete_egress(cleanup.egress_filters) if cleanup.egress_filters else 0
             if cleanup.known is not None:
-                deleted += await self._conntrack.sweep(mark_mask=MARK_MASK, known=cleanup.known, egress=cleanup.egress)
+                # Clients' flows carry their interface's mark, pods' hairpin flows HAIRPIN_MARK.
+                deleted += await self._conntrack.sweep(
+                    mark_mask=MARK_MASK | HAIRPIN_MARK, known=cleanup.known, egress=cleanup.egress
+                )
                 self._swept = True
         except Exception as err:  # stale flows expire by themselves; never fail a pass for them
             logger.warning("conntrack cleanup failed; stale flows will expire on their own: %s", err, exc_info=logger.isEnabledFor(logging.DEBUG))

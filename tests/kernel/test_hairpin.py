@@ -43,6 +43,7 @@ from tests.kernel.test_dataplane import (  # noqa: F401
     web,
     web_slice,
 )
+from tests.kernel.test_egress_flows import restarted  # noqa: F401
 
 SNAT = dataclasses.replace(SETTINGS, setup_snat=True)
 NO_MASQUERADE = dataclasses.replace(SETTINGS, setup_masquerade=False)
@@ -156,3 +157,20 @@ async def test_a_target_change_moves_a_long_lived_hairpin_udp_flow(topology, ech
         reply = parse_echo_reply(await asyncio.to_thread(flow.exchange, b"b"))
         assert (reply.name, reply.peer) == ("pod1", t.appliance_cluster_address)
 
+
+async def test_a_hairpin_flow_to_a_mapping_deleted_while_down_is_swept_at_start(
+    topology, echo_servers, appliance, restarted
+):
+    t = topology
+    await apply_web(appliance)
+    with UdpFlow(t.pods[0], src=None, sport=40603, dst="192.0.2.10", dport=53) as flow:
+        assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"a")).name == "pod2"
+        assert len(conntrack_entries(t, "-p", "udp", "-s", POD1, "--sport", "40603")) == 1
+        await appliance.dataplane.close()  # the daemon stops: the kernel state stays
+        # web is deleted while it is down; the restarted daemon's first pass sweeps its flows.
+        out, out_service, out_slice = pod1_out()
+        async with restarted:
+            appliance.dataplane = restarted
+            await appliance.apply(out, services=[out_service], slices=[out_slice])
+        assert conntrack_entries(t, "-p", "udp", "-s", POD1, "--sport", "40603") == []
+        assert await asyncio.to_thread(expect_no_reply, flow.exchange, b"b", 0.5)
