@@ -302,7 +302,8 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
         f"ct mark set iifname map @{n.INTERFACE_MARKS}",
         # From the cluster side (a pod calling a Mapping of the box, its traffic routed through
         # here): a hairpin. No interface mark, so replies route by the main table, back inside.
-        f"iifname != @{n.EXTERNAL_INTERFACES} ct mark set 0x{HAIRPIN_MARK:08x}",
+        # Not from lo: the box's own connections to its addresses, never translated.
+        f'iifname != @{n.EXTERNAL_INTERFACES} iifname != "lo" ct mark set 0x{HAIRPIN_MARK:08x}',
     )
     # A hairpin is masqueraded whatever SETUP_MASQUERADE says: the target would otherwise answer
     # the pod directly (the cluster routes pod to pod), and the pod drops an answer that does not

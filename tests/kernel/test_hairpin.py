@@ -146,6 +146,19 @@ async def test_an_allow_list_refuses_a_pod_outside_it(topology, echo_servers, ap
     assert (await asyncio.to_thread(client_tcp, t, dst="192.0.2.10", port=80)).name == "pod2"
 
 
+async def test_the_box_own_connection_to_a_mapping_is_no_hairpin(topology, echo_servers, appliance):
+    # It comes back in on lo: not translated (the box's own server answers), and not marked.
+    t = topology
+    await apply_web(appliance)
+    with echo_server(t.appliance, "udp", "192.0.2.10", 53, name="box"):
+        reply = parse_echo_reply(
+            await asyncio.to_thread(udp_request, t.appliance, dst="192.0.2.10", port=53, src="192.0.2.10", sport=40604)
+        )
+    assert reply.name == "box"
+    entries = conntrack_entries(t, "-p", "udp", "-s", "192.0.2.10", "--sport", "40604")
+    assert len(entries) == 1 and "mark=" not in entries[0].replace("mark=0 ", ""), entries
+
+
 async def test_a_target_change_moves_a_long_lived_hairpin_udp_flow(topology, echo_servers, appliance):
     t = topology
     await apply_web(appliance)

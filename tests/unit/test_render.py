@@ -116,5 +116,5 @@ def test_a_pods_connection_to_a_mapping_is_marked_a_hairpin_after_its_egress_mar
     assert egress < marked
     assert rs.chain(names.MARK_CONNECTION).rules == (
         f"ct mark set iifname map @{names.INTERFACE_MARKS}",
-        f"iifname != @{names.EXTERNAL_INTERFACES} ct mark set 0x20000000",
+        f'iifname != @{names.EXTERNAL_INTERFACES} iifname != "lo" ct mark set 0x20000000',
     )
