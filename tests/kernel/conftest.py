@@ -35,10 +35,13 @@ an interface, address, route or sysctl change.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from smartnatd.dataplane import Dataplane
+from tests.builders import SETTINGS
 from tests.kernel.harness import (
     EchoServers,
     NetnsFactory,
@@ -64,6 +67,23 @@ def netns_factory(netns_prefix: str) -> Iterator[NetnsFactory]:
 def topology(netns_factory: NetnsFactory) -> Topology:
     """cl <-> ap <-> rt <-> pod1/pod2 as the IP plan above says."""
     return build_topology(netns_factory)
+
+
+def new_dataplane(topology: Topology, state_dir: Path) -> Dataplane:
+    """A Dataplane on the appliance namespace with the default table ids and rule priority."""
+    return Dataplane(
+        netns=topology.appliance,
+        table_base=SETTINGS.route_table_base,
+        rule_priority=SETTINGS.rule_priority,
+        state_dir=state_dir,
+    )
+
+
+@pytest.fixture
+async def dataplane(topology: Topology, tmp_path: Path) -> AsyncIterator[Dataplane]:
+    """An open Dataplane on the appliance namespace."""
+    async with new_dataplane(topology, tmp_path) as dp:
+        yield dp
 
 
 @pytest.fixture

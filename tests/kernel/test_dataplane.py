@@ -22,6 +22,7 @@ from smartnatd.nft import names, render
 from smartnatd.planner import Plan, VerdictKind, plan
 from smartnatd.settings import Settings
 from tests.builders import endpoint_slice, mapping, service
+from tests.kernel.conftest import new_dataplane
 from tests.kernel.harness import (
     EchoServers,
     SctpSniffer,
@@ -67,13 +68,7 @@ class Appliance:
 
 @pytest.fixture
 async def appliance(topology: Topology, tmp_path) -> AsyncIterator[Appliance]:
-    dp = Dataplane(
-        netns=topology.appliance,
-        table_base=SETTINGS.route_table_base,
-        rule_priority=SETTINGS.rule_priority,
-        state_dir=tmp_path,
-    )
-    async with dp:
+    async with new_dataplane(topology, tmp_path) as dp:
         yield Appliance(topology, dp)
 
 

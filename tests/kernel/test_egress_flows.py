@@ -25,6 +25,7 @@ import pytest
 from smartnatd.dataplane import Dataplane
 from smartnatd.desired import interface_mark
 from tests.builders import endpoint_slice, mapping, service
+from tests.kernel.conftest import new_dataplane
 from tests.kernel.harness import (
     EchoServer,
     Topology,
@@ -215,12 +216,7 @@ async def test_an_unrelated_change_leaves_an_open_egress_flow_alone(topology, ec
 @pytest.fixture
 def restarted(topology: Topology, tmp_path) -> Dataplane:
     """A second dataplane on the same namespace: the daemon after a restart."""
-    return Dataplane(
-        netns=topology.appliance,
-        table_base=SETTINGS.route_table_base,
-        rule_priority=SETTINGS.rule_priority,
-        state_dir=tmp_path,
-    )
+    return new_dataplane(topology, tmp_path)
 
 
 async def test_the_sweep_after_a_restart_deletes_egress_flows_of_a_gone_mark_only(

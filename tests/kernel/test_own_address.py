@@ -11,7 +11,7 @@ plans it, and applied with the real data plane.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from pyroute2 import AsyncIPRoute
@@ -36,18 +36,6 @@ from tests.kernel.harness import (
 SETTINGS = Settings(interfaces_pattern=r"^ext[0-9]+$", default_gw_interface="eth0", instance_name="test")
 POD1 = "10.244.1.2"
 PORT = 8080  # the pods' echo port, and the port of the appliance's own listener
-
-
-@pytest.fixture
-async def dataplane(topology: Topology, tmp_path) -> AsyncIterator[Dataplane]:
-    dp = Dataplane(
-        netns=topology.appliance,
-        table_base=SETTINGS.route_table_base,
-        rule_priority=SETTINGS.rule_priority,
-        state_dir=tmp_path,
-    )
-    async with dp:
-        yield dp
 
 
 async def apply(topology: Topology, dp: Dataplane, *endpoints: str) -> Plan:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 from pyroute2 import AsyncIPRoute
 
-from smartnatd.dataplane import Dataplane
 from smartnatd.errors import DataplaneError
 from smartnatd.host import discover
 from smartnatd.model import Snapshot
 from smartnatd.planner import plan
 from smartnatd.settings import Settings
 from tests.builders import endpoint_slice, mapping, service
+from tests.kernel.conftest import new_dataplane
 from tests.kernel.harness import Topology, sh
 
 SETTINGS = Settings(interfaces_pattern=r"^ext[0-9]+$", default_gw_interface="eth0", instance_name="test")
@@ -31,9 +31,7 @@ async def test_routing_failing_after_nft_committed_is_reported_as_a_partial_pass
     assert p.desired.return_paths, "the plan needs a return path through ext2"
     sh(topology.appliance, "ip", "link", "del", "ext2")
 
-    dp = Dataplane(netns=topology.appliance, table_base=SETTINGS.route_table_base,
-                   rule_priority=SETTINGS.rule_priority, state_dir=tmp_path)
-    async with dp:
+    async with new_dataplane(topology, tmp_path) as dp:
         with pytest.raises(DataplaneError) as caught:
             await dp.apply(p.desired, full=True)
     assert caught.value.nft_committed is True, caught.value
