@@ -42,21 +42,30 @@ _IFA_F_SECONDARY = 0x1
 # RFC 2863 states in which an interface passes packets; UNKNOWN is what drivers without
 # carrier reporting (dummy, some virtual NICs) show while working.
 _OPER_UP = {"UP", "UNKNOWN"}
+# kube-proxy in IPVS mode (`mode: service`) binds every ClusterIP, external IP and load-balancer
+# address of the cluster to this dummy interface of the box: the Services' virtual addresses,
+# which IPVS takes at local-in, not the box's own. Counted as local, they would refuse every
+# `mode: service` target, and each Service created anywhere would re-plan every Mapping.
+_KUBE_IPVS = "kube-ipvs0"
 
 
 async def discover(
     ipr: AsyncIPRoute, *, pattern: InterfacePattern, default_gw_interface: str, own_namespace: bool = False
 ) -> Host:
     """External interfaces: names matching `pattern` anywhere, except the default gateway's;
-    and every IPv4 address local to the box, on any interface, as `local_addresses`.
+    and every IPv4 address local to the box, on any interface but kube-proxy's kube-ipvs0, as
+    `local_addresses`.
 
     `pattern.search` keeps SmartNat's Go regexp.MatchString semantics (unanchored). Addresses
     are IPv4 only, primaries before secondaries, otherwise in the kernel's order; interfaces
     are sorted by name so equal states compare equal.
     """
     links: dict[int, tuple[str, bool]] = {}
+    virtual: set[int] = set()  # kube-ipvs0's ifindex
     async for msg in await ipr.link("dump"):
         name = msg.get_attr("IFLA_IFNAME")
+        if name == _KUBE_IPVS:
+            virtual.add(msg["index"])
         if not name or name == default_gw_interface or not pattern.search(name):
             continue
         links[msg["index"]] = (name, _link_up(msg))
@@ -66,7 +75,7 @@ async def discover(
     async for msg in await ipr.addr("dump", family=AF_INET):
         # IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on point-to-point links.
         local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if local:
+        if local and msg["index"] not in virtual:
             everywhere.add(IPv4Address(local))  # on any interface: never a DNAT target
         found = addresses.get(msg["index"])
         if found is None:

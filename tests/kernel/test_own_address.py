@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 
 import pytest
 from pyroute2 import AsyncIPRoute
 
 from smartnatd.dataplane import Dataplane
+from smartnatd.desired import Target
 from smartnatd.host import discover
 from smartnatd.model import Snapshot
 from smartnatd.planner import Plan, VerdictKind, plan
@@ -101,3 +103,21 @@ async def test_a_mapping_whose_only_endpoint_is_the_appliance_is_not_served_here
         expect_no_reply, tcp_request, topology.client, dst="192.0.2.10", port=80, src=topology.allowed_client, timeout=0.5
     )
     assert box_listener.peers == ()
+
+
+async def test_cluster_ips_kube_proxy_binds_on_the_box_are_no_own_addresses(topology: Topology):
+    """kube-proxy in IPVS mode (what `mode: service` runs on) binds every ClusterIP to its
+    kube-ipvs0 dummy interface on the appliance, DOWN: they are the Services' virtual addresses,
+    which IPVS takes at local-in, not the box's own. A `mode: service` Mapping is served."""
+    sh(topology.appliance, "ip", "link", "add", "kube-ipvs0", "type", "bridge")  # no dummy driver here
+    sh(topology.appliance, "ip", "addr", "add", "10.96.0.10/32", "dev", "kube-ipvs0")
+    async with AsyncIPRoute(netns=topology.appliance, flags=0) as ipr:
+        host = await discover(ipr, pattern=SETTINGS.interfaces_regex, default_gw_interface="eth0")
+    assert IPv4Address("10.96.0.10") not in host.local_addresses
+    assert topology.appliance_cluster_address in host.local_addresses
+
+    snapshot = Snapshot(mappings=(mapping("web", mode="service"),), services=(service(),), host=host)
+    p = plan(snapshot, SETTINGS)
+    (v,) = p.verdicts
+    assert (v.kind, v.reason) == (VerdictKind.CONFIGURED, "serving 192.0.2.10:80/tcp")
+    assert [d.targets for d in p.desired.dnats] == [(Target(IPv4Address("10.96.0.10"), 80),)]
