@@ -54,12 +54,12 @@ _Seen = dict[ObjectKey, tuple[Any, str]]
 
 
 class SourceCache:
-    """What each file held when last read, kept while its name, size, mtime and inode stay the
-    same: `run --source` reads DIR again after every change, and parsing is nearly all of that
+    """What each file held when last read, kept while its name, size, mtime, ctime and inode stay
+    the same: `run --source` reads DIR again after every change, and parsing is nearly all of that
     (a 10k-Mapping directory: ~4 s), so only the files that changed are parsed again."""
 
     def __init__(self) -> None:
-        self.files: dict[str, tuple[tuple[int, int, int], _FileTakes]] = {}
+        self.files: dict[str, tuple[tuple[int, int, int, int], _FileTakes]] = {}
 
 
 def load_source_dir(path: Path, *, cache: SourceCache | None = None) -> SourceDir:
@@ -83,7 +83,7 @@ def load_source_dir(path: Path, *, cache: SourceCache | None = None) -> SourceDi
         # write would otherwise remove every Mapping and cut its connections.
         problems.append(f"{path}: holds no *.yaml, *.yml or *.json file (to serve nothing, leave an empty one)")
         unreadable.append(str(path))
-    kept: dict[str, tuple[tuple[int, int, int], _FileTakes]] = {}
+    kept: dict[str, tuple[tuple[int, int, int, int], _FileTakes]] = {}
     for file in files:
         takes = _read_file(file) if cache is None else _read_cached(file, cache, kept)
         if takes.unreadable:
@@ -151,15 +151,19 @@ def _yaml_error(err: yaml.MarkedYAMLError) -> str:
     return text
 
 
-def _stamp(file: Path) -> tuple[int, int, int] | None:
+def _stamp(file: Path) -> tuple[int, int, int, int] | None:
     try:
         st = file.stat()
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+    # ctime too: size and mtime stay when a file is rewritten with a kept mtime (cp -p, tar x
+    # of files with a fixed mtime), and a re-created file often gets the freed inode back.
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-def _read_cached(file: Path, cache: SourceCache, kept: dict[str, tuple[tuple[int, int, int], _FileTakes]]) -> _FileTakes:
+def _read_cached(
+    file: Path, cache: SourceCache, kept: dict[str, tuple[tuple[int, int, int, int], _FileTakes]]
+) -> _FileTakes:
     # Stamped before reading: a write during the read leaves a stamp that no longer matches.
     stamp = _stamp(file)
     cached = cache.files.get(file.name)

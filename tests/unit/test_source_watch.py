@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,20 @@ async def test_a_failed_read_is_tried_again_without_waiting_for_a_change(
         task.cancel()
     # One warning for the outage, not one per failed poll.
     assert sum("unreadable" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_file_rewritten_with_its_old_size_and_mtime_is_read_again(tmp_path: Path) -> None:
+    # cp -p or tar x of a file with a fixed mtime: only the change time moves. The watcher
+    # notices (ctime is in its signature); the parsed-file cache must not answer with the old objects.
+    a = tmp_path / "a.yaml"
+    a.write_text(service_yaml("a", "10.96.0.1"))
+    store, state = Store(), SourceDirState()
+    task = asyncio.create_task(watch_source_dir(tmp_path, store=store, poll=0.01, state=state))
+    try:
+        await until(lambda: state.up and cluster_ip(store, "a") == "10.96.0.1")
+        st = a.stat()
+        a.write_text(service_yaml("a", "10.96.0.9"))
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+        await until(lambda: cluster_ip(store, "a") == "10.96.0.9")
+    finally:
+        task.cancel()
