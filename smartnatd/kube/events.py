@@ -161,9 +161,11 @@ class EventRecorder:
                 except KubeApiError as err:
                     if err.status == 403:
                         # An RBAC from before aggregation grants create only: every repeat
-                        # becomes an Event of its own again, as before, until a restart.
-                        logger.warning("events cannot be patched (%s); posting each repeat as a new Event. "
-                                       "Apply etc/rbac.yaml", err)
+                        # becomes an Event of its own again, as before, until a restart. Said
+                        # once, though the other patches in flight get their 403 too.
+                        if not self._patch_forbidden:
+                            logger.warning("events cannot be patched (%s); posting each repeat as a new Event. "
+                                           "Apply etc/rbac.yaml", err)
                         self._patch_forbidden = True
                         posted = self._first(meta, event, message, now)
                         self.recent.put(key, posted)

@@ -600,6 +600,24 @@ async def test_without_rbac_to_patch_events_each_repeat_is_a_new_event_said_once
     assert len(warnings) == 1 and 'Apply etc/rbac.yaml' in warnings[0]
 
 
+async def test_a_403_on_patches_in_flight_together_is_said_once(
+        kube_api: KubeEmulator, kube_client: ApiClient, caplog: pytest.LogCaptureFixture) -> None:
+    # Write-back posts up to 16 Mappings' Events at once (a node going down flaps them all):
+    # every patch already in flight gets the 403, but the RBAC hint is one line.
+    recorder = recorder_on(kube_client)
+    event = status_mod.Event('Normal', 'Configured', 'appliance ap1 serves 192.0.2.10:80/tcp')
+    now = Clock()()
+    names = [f'm{n}' for n in range(4)]
+    for name in names:
+        await recorder.post(a_mapping(name), event, now)
+    kube_api.fail_next(4, status=403, verb='patch', resource=EVENTS)
+    await asyncio.gather(*(recorder.post(a_mapping(name, rv='2'), event, now + 1) for name in names))
+    assert len(kube_api.recorded(verb='patch', resource=EVENTS)) == 4
+    assert len([r for r in kube_api.recorded(verb='create', resource=EVENTS) if r.status == 201]) == 8
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and 'Apply etc/rbac.yaml' in warnings[0], warnings
+
+
 @pytest.mark.parametrize('cut', ['.', '-'])
 async def test_event_names_of_the_longest_mapping_names_are_dns_subdomains(
         kube_api: KubeEmulator, kube_client: ApiClient, cut: str) -> None:
