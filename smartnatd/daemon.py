@@ -26,7 +26,7 @@ from smartnatd.host import HostWatcher
 from smartnatd.metrics import Metrics, nft_counter_reader
 from smartnatd.reconciler import LogWriteback, Reconciler, Writeback
 from smartnatd.settings import Settings
-from smartnatd.sourcedir import SourceCache, load_source_dir
+from smartnatd.sourcedir import RACY, SourceCache, load_source_dir
 from smartnatd.store import Kind, Store
 from smartnatd.systemd import SystemdNotifier
 
@@ -236,7 +236,7 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
     return 0
 
 
-def _signature(path: Path) -> tuple[object, ...]:
+def _signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
     entries = []
     for p in sorted(path.iterdir()):
         if p.suffix in (".yaml", ".yml", ".json"):
@@ -257,17 +257,22 @@ async def watch_source_dir(
 ) -> None:
     """The file source: re-read DIR whenever a file in it changes (a cluster snapshot on disk)."""
     state = state if state is not None else SourceDirState()
-    seen: tuple[object, ...] | None = None
+    seen: tuple[tuple[str, int, int, int], ...] | None = None
     problems: tuple[str, ...] = ()
     # Files that did not change are not parsed again (10k Mappings: ~3.6 s to parse them all).
     cache = SourceCache()
+    recheck_at = 0.0  # read once more then: a file changed in the timestamp tick of the read
     while True:
-        sig: tuple[object, ...] | None
+        sig: tuple[tuple[str, int, int, int], ...] | None
+        signed_at = time.time()
         try:
             sig = await asyncio.to_thread(_signature, path)
         except OSError as err:
             _source_unreadable(path, err, state)
             sig = seen = None  # read it all again once it is back
+        recheck = sig is not None and sig == seen and 0.0 < recheck_at <= signed_at
+        if recheck:
+            seen = None  # a write in that tick changed nothing the signature shows
         if sig is not None and sig != seen:
             try:
                 loaded = await asyncio.to_thread(load_source_dir, path, cache=cache)
@@ -277,15 +282,18 @@ async def watch_source_dir(
                 await asyncio.sleep(poll)
                 continue
             seen = sig
+            newest = max((max(mtime, ctime) for _, mtime, ctime, _ in sig), default=0) / 1e9
+            recheck_at = signed_at + RACY if signed_at - newest < RACY else 0.0
             if loaded.problems != problems:
                 problems = loaded.problems
                 for problem in problems:
                     logger.warning("source: %s", problem)
             if loaded.unreadable:
                 # Unknown is not absent: deleting those files' Mappings would cut live traffic.
-                logger.warning(
-                    "source: keeping the last good state until %s can be read", ", ".join(loaded.unreadable)
-                )
+                if not recheck or state.problem != "cannot read " + ", ".join(loaded.unreadable):
+                    logger.warning(
+                        "source: keeping the last good state until %s can be read", ", ".join(loaded.unreadable)
+                    )
                 state.up, state.problem = False, "cannot read " + ", ".join(loaded.unreadable)
             else:
                 store.replace(Kind.MAPPINGS, loaded.mappings)

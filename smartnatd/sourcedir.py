@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,10 @@ SUFFIXES = (".yaml", ".yml", ".json")
 # (a 10k-Mapping directory, 30,000 objects: 19.3 s -> 2.7 s here). PyPI's wheels bundle libyaml;
 # a build without it falls back to the pure-Python loader.
 _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Seconds after its last change in which a file may still change without stat showing it: file
+# timestamps move once a jiffy on kernel 6.1 (once a second on some file systems), so a second
+# write of the same size in that tick leaves size, mtime and ctime alike ("racy git").
+RACY = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,13 @@ _Seen = dict[ObjectKey, tuple[Any, str]]
 class SourceCache:
     """What each file held when last read, kept while its name, size, mtime, ctime and inode stay
     the same: `run --source` reads DIR again after every change, and parsing is nearly all of that
-    (a 10k-Mapping directory: ~4 s), so only the files that changed are parsed again."""
+    (a 10k-Mapping directory: ~4 s), so only the files that changed are parsed again. A file
+    read within RACY seconds of its change (`clock`, wall time) is not kept: it may change again
+    unseen."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self.files: dict[str, tuple[tuple[int, int, int, int], _FileTakes]] = {}
+        self.clock = clock
 
 
 def load_source_dir(path: Path, *, cache: SourceCache | None = None) -> SourceDir:
@@ -171,7 +180,7 @@ def _read_cached(
         kept[file.name] = cached
         return cached[1]
     takes = _read_file(file)
-    if stamp is not None and not takes.unreadable:
+    if stamp is not None and not takes.unreadable and cache.clock() - max(stamp[1], stamp[2]) / 1e9 >= RACY:
         kept[file.name] = (stamp, takes)
     return takes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -356,10 +357,15 @@ def test_yaml_is_read_with_libyaml_and_builds_what_safe_load_builds(tmp_path: Pa
     assert list(yaml.load_all(text, Loader=sourcedir._LOADER)) == list(yaml.safe_load_all(text))
 
 
+def settled_cache() -> SourceCache:
+    """A cache whose clock says the files just written changed long enough ago to be kept."""
+    return SourceCache(clock=lambda: time.time() + 2 * sourcedir.RACY)
+
+
 def test_cache_parses_again_only_the_files_whose_stamp_changed(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", service_yaml("a", "10.96.0.1"))
     write(tmp_path, "b.yaml", service_yaml("b", "10.96.0.2"))
-    cache = SourceCache()
+    cache = settled_cache()
     first = load_source_dir(tmp_path, cache=cache)
     assert first == load_source_dir(tmp_path)
     write(tmp_path, "b.yaml", service_yaml("b", "10.96.0.3"))
@@ -376,7 +382,7 @@ def test_cache_keeps_reporting_duplicates_and_rereads_unreadable_files(tmp_path:
     write(tmp_path, "a.yaml", service_yaml("same"))
     write(tmp_path, "b.yaml", service_yaml("same"))
     (tmp_path / "c.yaml").write_text("kind: [\n", encoding="utf-8")
-    cache = SourceCache()
+    cache = settled_cache()
     for _ in range(2):  # the second time a.yaml and b.yaml come from the cache
         source = load_source_dir(tmp_path, cache=cache)
         assert source == load_source_dir(tmp_path)
@@ -389,9 +395,8 @@ def test_cache_keeps_reporting_duplicates_and_rereads_unreadable_files(tmp_path:
 
 @pytest.mark.parametrize("how", ["in place", "deleted and re-created"])
 def test_cache_rereads_a_file_rewritten_with_the_same_size_and_mtime(tmp_path: Path, how: str) -> None:
-    # cp -p, rsync -t, tar x of files with a fixed mtime (SOURCE_DATE_EPOCH), or two writes in
-    # one timestamp tick: size and mtime stay, and a re-created file may get the freed inode
-    # number back. The change time still moves (the daemon's change detection looks at it),
+    # cp -p, rsync -t, tar x of files with a fixed mtime (SOURCE_DATE_EPOCH): size and mtime
+    # stay, and a re-created file may get the freed inode number back. The change time still moves (the daemon's change detection looks at it),
     # so the cache must not answer with the old objects.
     write(tmp_path, "a.yaml", service_yaml("a", "10.96.0.1"))
     cache = SourceCache()
@@ -410,3 +415,24 @@ def test_cache_rereads_a_file_rewritten_with_the_same_size_and_mtime(tmp_path: P
     if how == "deleted and re-created" and now.st_ino != st.st_ino:
         pytest.skip("the file system gave the re-created file another inode number")
     assert [str(s.cluster_ip) for s in load_source_dir(tmp_path, cache=cache).services] == ["10.96.0.9"]
+
+
+def test_cache_does_not_keep_a_file_read_within_a_timestamp_tick_of_its_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With coarse timestamps (Debian 12's kernel 6.1: a jiffy), a second write of the same size
+    # in the tick of the first leaves size, mtime and ctime as the first left them: nothing in
+    # stat tells. So a file read less than RACY seconds after its change is parsed again.
+    a = tmp_path / "a.yaml"
+    a.write_text(service_yaml("a", "10.96.0.1"), encoding="utf-8")
+    frozen = sourcedir._stamp(a)
+    assert frozen is not None
+    monkeypatch.setattr(sourcedir, "_stamp", lambda file: frozen)  # the same tick: stat says nothing
+    read_at = [frozen[2] / 1e9]  # the read happens in the tick of the change
+    cache = SourceCache(clock=lambda: read_at[0])
+    load_source_dir(tmp_path, cache=cache)
+    a.write_text(service_yaml("a", "10.96.0.9"), encoding="utf-8")
+    assert [str(s.cluster_ip) for s in load_source_dir(tmp_path, cache=cache).services] == ["10.96.0.9"]
+    read_at[0] += sourcedir.RACY  # settled: kept from now on
+    load_source_dir(tmp_path, cache=cache)
+    assert set(cache.files) == {"a.yaml"}
