@@ -13,9 +13,10 @@ original destination, reply source and original source, never by mark, so they t
 Pods' own connections through the box (egress SNAT) follow their conntrack entry the same way:
 the entry holds the mark that routes them (their interface's) and the address they were SNATed
 to. When a pod's egress entry changes (its interface came back with a new ifindex, its Mapping's
-address moved, another Mapping or none took the pod), `stale_egress_filters` names the flows
-made under the old entry and `ConntrackEdge.delete_egress` deletes them; the next packet starts
-over under the new rules. Only the packet mark carries EGRESS_MARK, not the conntrack mark, so an
+address moved, another Mapping took the pod), `stale_egress_filters` names the flows made
+under the old entry and `ConntrackEdge.delete_egress` deletes them; the next packet starts over
+under the new rules. A pod left with no entry (terminating, not ready) keeps its open flows
+while their interface's mark is still one: they finish as they began. Only the packet mark carries EGRESS_MARK, not the conntrack mark, so an
 egress flow is told by what only the egress rules make: original source a pod, conntrack mark an
 interface's, replies addressed to the egress address it was SNATed to. Clients' flows (replies go
 to the client), pods' hairpin flows (DNATed) and the box's own (original source the box) never
@@ -225,16 +226,22 @@ def stale_egress_filters(
     """The egress flows that must stop when the pods' egress entries go from `old` to `new`.
 
     `old` and `new` may be whole plans or just the entries that changed between them (what a
-    pass removed and added): an entry of `old` dooms its flows unless `new` gives its pod the
-    same mark and SNAT address. `marks` are the new plan's interface marks: an old mark outside
-    them can be on no pod's egress now, so one filter per (mark, address) takes every pod's
-    flows instead of one per pod.
+    pass removed and added): an entry of `old` dooms its flows when `new` gives its pod another
+    mark or SNAT address, or when its mark is gone. `marks` are the new plan's interface marks:
+    an old mark outside them can be on no pod's egress now, so one filter per (mark, address)
+    takes every pod's flows instead of one per pod.
+
+    A pod that `new` gives no entry at all (terminating in a rolling update, not ready, out of
+    its Service) keeps its flows while their mark is an interface's: they still leave by it.
+    Deleted, their next packet would leave unSNATed, from the pod's own address, which the peer
+    does not know: the pod could not finish its open connections. Its new ones get no SNAT.
     """
     now = {e.source: (e.mark, e.to) for e in new}
     in_use = set(marks).union(m for m, _ in now.values())
     doomed: set[EgressFlowFilter] = set()
     for e in old:
-        if now.get(e.source) != (e.mark, e.to):
+        got = now.get(e.source)
+        if got != (e.mark, e.to) and (got is not None or e.mark not in in_use):
             source = None if e.mark not in in_use else e.source
             doomed.add(EgressFlowFilter(mark=e.mark, to=e.to, source=source))
     return tuple(sorted(doomed, key=lambda f: (f.mark, f.to, -1 if f.source is None else int(f.source))))
@@ -598,6 +605,7 @@ class ConntrackEdge:
         mark_mask: int,
         known: Collection[ExternalEndpoint],
         egress: Collection[EgressSnat] | None = None,
+        marks: Collection[int] = (),
     ) -> int:
         """Delete DNATed flows marked inside `mark_mask` whose destination is no known endpoint,
         and, when `egress` is given, pods' egress flows that it does not route the same way.
@@ -609,16 +617,18 @@ class ConntrackEdge:
         DNATed, marked) from a pod survives when the plan still gives that pod its mark and SNAT
         address; it goes when its interface's mark is gone (re-created with a new ifindex while
         the daemon was down), its SNAT address or interface changed, or the pod has no egress
-        entry any more.
+        entry any more while its mark is no interface's (see stale_egress_filters; `marks` are
+        the plan's interface marks).
         """
         deleted = await self._sweep_endpoints(mark_mask=mark_mask, known=known)
         if egress is not None:
-            deleted += await self._sweep_egress(mark_mask=mark_mask, egress=egress)
+            deleted += await self._sweep_egress(mark_mask=mark_mask, egress=egress, marks=marks)
         return deleted
 
-    async def _sweep_egress(self, *, mark_mask: int, egress: Collection[EgressSnat]) -> int:
+    async def _sweep_egress(self, *, mark_mask: int, egress: Collection[EgressSnat], marks: Collection[int]) -> int:
         started = time.monotonic()
         wanted = {e.source: (e.mark & mark_mask, e.to) for e in egress}
+        in_use = {m & mark_mask for m in marks}.union(m for m, _ in wanted.values())
         table_size = await self._table_size()
         groups: dict[EgressFlowFilter, list[_Flow]] = defaultdict(list)
         # The status filter is kernel-side since 5.15; older kernels send everything.
@@ -626,7 +636,10 @@ class ConntrackEdge:
             mark = flow.mark & mark_mask
             if not mark or flow.status & _EGRESS_STATUS[1] != _EGRESS_STATUS[0]:
                 continue
-            if wanted.get(flow.source) != (mark, flow.reply_destination):
+            want = wanted.get(flow.source)
+            if want is None and mark in in_use:
+                continue  # a pod without egress now (terminating...): its open flows finish
+            if want != (mark, flow.reply_destination):
                 groups[EgressFlowFilter(mark=mark, to=flow.reply_destination, source=flow.source)].append(flow)
         deleted = 0
         for flt, doomed in sorted(groups.items()):

@@ -45,6 +45,7 @@ class _FlowCleanup:
     egress_filters: tuple[EgressFlowFilter, ...]
     known: set[ExternalEndpoint] | None  # until the first sweep: every endpoint served
     egress: tuple[EgressSnat, ...]  # the plan's egress entries, for that sweep
+    marks: frozenset[int]  # the plan's interface marks, for that sweep
 
 
 def _clip(text: str, limit: int = 4000) -> str:
@@ -160,7 +161,10 @@ class Dataplane:
         endpoint and per pod egress entry and, until the first sweep, every endpoint served
         (the sweep keeps those)."""
         known = None if self._swept else {d.external for d in desired.dnats}
-        return _FlowCleanup(self._dnat_filters(desired), self._egress_filters(desired), known, desired.egress)
+        return _FlowCleanup(
+            self._dnat_filters(desired), self._egress_filters(desired), known, desired.egress,
+            frozenset(p.mark for p in desired.return_paths),
+        )
 
     def _egress_filters(self, desired: DesiredState) -> tuple[EgressFlowFilter, ...]:
         """The pods' egress flows the move to `desired` re-routes: those of the entries it
@@ -194,7 +198,8 @@ class Dataplane:
             if cleanup.known is not None:
                 # Clients' flows carry their interface's mark, pods' hairpin flows HAIRPIN_MARK.
                 deleted += await self._conntrack.sweep(
-                    mark_mask=MARK_MASK | HAIRPIN_MARK, known=cleanup.known, egress=cleanup.egress
+                    mark_mask=MARK_MASK | HAIRPIN_MARK, known=cleanup.known, egress=cleanup.egress,
+                    marks=cleanup.marks,
                 )
                 self._swept = True
         except Exception as err:  # stale flows expire by themselves; never fail a pass for them

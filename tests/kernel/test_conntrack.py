@@ -377,9 +377,12 @@ def test_a_new_snat_address_on_the_same_interface_deletes_the_pods_flows() -> No
     assert filters == (EgressFlowFilter(mark=MARK_3, to=SNAT_1, source=POD_A),)
 
 
-def test_a_pod_without_egress_any_more_loses_its_egress_flows() -> None:
-    filters = stale_egress_filters(old=[egress(POD_B, SNAT_2, MARK_4)], new=[], marks={MARK_3, MARK_4})
-    assert filters == (EgressFlowFilter(mark=MARK_4, to=SNAT_2, source=POD_B),)
+def test_a_pod_without_egress_any_more_keeps_its_egress_flows_while_their_mark_is_an_interfaces() -> None:
+    # Terminating (or not ready): its open flows still leave by ext4 and finish there.
+    assert stale_egress_filters(old=[egress(POD_B, SNAT_2, MARK_4)], new=[], marks={MARK_3, MARK_4}) == ()
+    # ext4 is gone or came back with a new ifindex: they are black-holed, so they go.
+    filters = stale_egress_filters(old=[egress(POD_B, SNAT_2, MARK_4)], new=[], marks={MARK_3})
+    assert filters == (EgressFlowFilter(mark=MARK_4, to=SNAT_2, source=None),)
 
 
 def test_a_mark_no_interface_has_any_more_is_one_filter_for_every_pod() -> None:

@@ -250,3 +250,48 @@ async def test_the_sweep_after_a_restart_deletes_egress_flows_of_a_gone_mark_onl
         assert await asyncio.to_thread(seen_as, pod2_flow) == t.ext2_address
         assert pod2_id in egress_ids(t, POD2)
         assert box_id in entry_ids(t, "-p", "udp", "--dport", str(BOX_PORT))
+
+
+async def test_a_terminating_pods_open_egress_flows_finish_as_they_began(
+    topology, echo_servers, appliance, deletes, peer, tcp_peer, pod1_flow
+):
+    """A rolling update: pod1 starts terminating (serving, no longer ready), so it loses its
+    egress entry and its new connections get no SNAT. Its open ones still have a path (ext1
+    and its address are the box's as before) and must finish: deleted, their next packet
+    would leave unSNATed, from the pod's own address, and the peer would not know it."""
+    t = topology
+    await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice()], settings=SNAT)
+    assert await asyncio.to_thread(seen_as, pod1_flow) == t.ext1_address
+    conn = await asyncio.to_thread(open_tcp, t.pods[0], dst=t.allowed_client, port=PEER_PORT)
+    with conn:
+        assert parse_echo_reply(await asyncio.to_thread(conn.exchange, b"ping")).peer == t.ext1_address
+        (udp_id, _), = egress_ids(t, POD1).items()
+        (tcp_id, _), = egress_ids(t, POD1, "tcp").items()
+
+        terminating = endpoint_slice(ready=(POD2,), draining=(POD1,), ports=(("http", "tcp", 8080), ("dns", "udp", 8080)))
+        p = await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[terminating], settings=SNAT)
+        assert [str(e.source) for e in p.desired.egress] == [POD2]
+
+        assert tcp_id in egress_ids(t, POD1, "tcp")
+        assert parse_echo_reply(await asyncio.to_thread(conn.exchange, b"pong")).peer == t.ext1_address
+        assert udp_id in egress_ids(t, POD1)
+        assert await asyncio.to_thread(seen_as, pod1_flow) == t.ext1_address
+
+
+async def test_the_sweep_after_a_restart_leaves_a_terminating_pods_open_egress_flow(
+    topology, echo_servers, appliance, restarted, peer, pod1_flow
+):
+    t = topology
+    await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[web_slice()], settings=SNAT)
+    assert await asyncio.to_thread(seen_as, pod1_flow) == t.ext1_address
+    (pod1_id, _), = egress_ids(t, POD1).items()
+    await appliance.dataplane.close()  # the daemon stops: the kernel state stays
+
+    # pod1 starts terminating while the daemon is down: ext1 and its mark are still there.
+    terminating = endpoint_slice(ready=(POD2,), draining=(POD1,), ports=(("http", "tcp", 8080), ("dns", "udp", 8080)))
+    async with restarted:
+        appliance.dataplane = restarted
+        await appliance.apply(mapping("web", mode="direct"), services=[web()], slices=[terminating], settings=SNAT)
+
+    assert pod1_id in egress_ids(t, POD1)
+    assert await asyncio.to_thread(seen_as, pod1_flow) == t.ext1_address
