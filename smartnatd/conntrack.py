@@ -16,11 +16,11 @@ to. When a pod's egress entry changes (its interface came back with a new ifinde
 address moved, another Mapping took the pod), `stale_egress_filters` names the flows made
 under the old entry and `ConntrackEdge.delete_egress` deletes them; the next packet starts over
 under the new rules. A pod left with no entry (terminating, not ready) keeps its open flows
-while their interface's mark is still one: they finish as they began. Only the packet mark carries EGRESS_MARK, not the conntrack mark, so an
-egress flow is told by what only the egress rules make: original source a pod, conntrack mark an
-interface's, replies addressed to the egress address it was SNATed to. Clients' flows (replies go
-to the client), pods' hairpin flows (DNATed) and the box's own (original source the box) never
-match.
+while their interface's mark is still one: they finish as they began. Only the packet mark
+carries EGRESS_MARK, not the conntrack mark, so an egress flow is told by what only the egress
+rules make: original source a pod, conntrack mark an interface's, replies addressed to the
+egress address it was SNATed to. Clients' flows (replies go to the client), pods' hairpin flows
+(DNATed) and the box's own (original source the box) never match.
 
 Kernel mechanism (pyroute2 0.9.7; its sync `Conntrack` fails inside a running event loop, so
 `AsyncConntrack(netns=…, flags=0)`, opened once):
