@@ -393,13 +393,13 @@ def _unclaimed(m: Mapping, settings: Settings) -> Verdict:
 
 
 def _refused_verdict(
-    m: Mapping, reason: str, *, here_only: bool, service_vip: IPv4Address | None, pod_ips: tuple[IPv4Address, ...]
+    m: Mapping, reason: str, *, this_box_only: bool, service_vip: IPv4Address | None, pod_ips: tuple[IPv4Address, ...]
 ) -> Verdict:
     """Every target of a port refused. For a range (loopback...) every appliance says the same,
     so the Mapping is Waiting. For this box's own addresses only this box refuses: it is not
     served here (NotLocal, a per-appliance state) rather than Waiting, which would set the
     shared Ready condition against what the other appliances of a pair write, back and forth."""
-    if here_only:
+    if this_box_only:
         return _verdict(
             m, VerdictKind.NOT_LOCAL, f"{reason}; not served by this appliance", TARGET_REFUSED,
             service_vip=service_vip, pod_ips=pod_ips,
@@ -474,7 +474,7 @@ def _serve(
                 return _Outcome(
                     _refused_verdict(
                         m, f"Service {service.key}: ClusterIP {service.cluster_ip} ({why}) refused",
-                        here_only=why == OWN_ADDRESS, service_vip=service.cluster_ip, pod_ips=pod_ips,
+                        this_box_only=why == OWN_ADDRESS, service_vip=service.cluster_ip, pod_ips=pod_ips,
                     )
                 )
             targets_per_port.append(((Target(service.cluster_ip, p.service_port),) if not why else (), ()))
@@ -484,14 +484,16 @@ def _serve(
             refused.update(left_out)
             # This box's own addresses are refused only where it serves the Mapping: elsewhere
             # it is NotLocal below, as it would be on the other appliances of a pair.
-            here_only = all(why == OWN_ADDRESS for _, why in left_out.values())
-            if not targets and (here or not here_only):
+            # One of this box's own addresses among them: another appliance of a pair, which
+            # does not own it, may well serve the Mapping, so the refusal is this box's alone.
+            own_refused = any(why == OWN_ADDRESS for _, why in left_out.values())
+            if not targets and (here or not own_refused):
                 return _Outcome(
                     _refused_verdict(
                         m,
                         f"Service {service.key}: {_refused_text(left_out)} refused; "
                         f"no other endpoint is ready for port {sp.port}/{sp.protocol.upper()}",
-                        here_only=here_only, service_vip=service.cluster_ip, pod_ips=pod_ips,
+                        this_box_only=own_refused, service_vip=service.cluster_ip, pod_ips=pod_ips,
                     )
                 )
         if not targets and not left_out:

@@ -3,6 +3,7 @@
 from ipaddress import IPv4Address
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -206,7 +207,8 @@ def test_long_reasons_are_clipped_below_the_crd_limit() -> None:
     assert write(obj, problem(VerdictKind.INVALID, reason))[1].patch is None
 
 
-def test_an_appliance_refusing_its_own_address_does_not_fight_its_pair_over_ready() -> None:
+@pytest.mark.parametrize("endpoints", [("10.10.0.2",), ("10.10.0.2", "127.0.0.5")], ids=["own", "own-and-loopback"])
+def test_an_appliance_refusing_its_own_address_does_not_fight_its_pair_over_ready(endpoints: tuple[str, ...]) -> None:
     # Box a owns 10.10.0.2 and refuses it as the only endpoint; box b does not own it and
     # serves the Mapping. Each rewrote the shared Ready condition in turn while box a's
     # refusal was a Waiting verdict; as NotLocal (per appliance) the shared part agrees.
@@ -217,7 +219,7 @@ def test_an_appliance_refusing_its_own_address_does_not_fight_its_pair_over_read
     from tests.builders import HOST, SETTINGS, endpoint_slice, mapping, service
 
     cluster = dict(mappings=(mapping("a", mode="direct"),), services=(service(),),
-                   endpoint_slices=(endpoint_slice(ready=("10.10.0.2",)),))
+                   endpoint_slices=(endpoint_slice(ready=endpoints),))
     box_a = dataclasses.replace(HOST, local_addresses=frozenset({IPv4Address("10.10.0.2")}))
     (on_a,) = plan(Snapshot(host=box_a, **cluster), SETTINGS).verdicts  # type: ignore[arg-type]
     (on_b,) = plan(Snapshot(host=HOST, **cluster), SETTINGS).verdicts  # type: ignore[arg-type]
