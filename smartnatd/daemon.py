@@ -161,7 +161,8 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
         return {s.name: s.problem for s in watched}
 
     metrics = Metrics(
-        health=lambda: reconciler.health, counters=nft_counter_reader(dataplane.runner), sources=sources_up
+        health=lambda: reconciler.health, counters=nft_counter_reader(dataplane.runner), sources=sources_up,
+        links=lambda: host_watcher.links,
     )
 
     def after_pass(report: ApplyReport | None, took: float, ok: bool) -> None:

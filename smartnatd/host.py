@@ -124,6 +124,16 @@ def read_ip_forward(path: Path = IP_FORWARD) -> bool | None:
 
 
 @dataclass(frozen=True)
+class LinkState:
+    """An external interface as the watcher reports it, for smartnat_external_interface_up and
+    smartnat_external_interface_held."""
+
+    name: str
+    up: bool  # reported up: up, or down but still held
+    held: bool  # down, but reported up until its hold runs out
+
+
+@dataclass(frozen=True)
 class _Hold:
     """An interface reported up while it is down, since `since` (the watcher's clock)."""
 
@@ -167,11 +177,19 @@ class HostWatcher:
         # Ifindexes a link event showed down since the last discovery: a flap quicker than the
         # discovery still bounced the link (and cost it its routes) though both dumps saw it up.
         self._went_down: set[int] = set()
+        self._links: tuple[LinkState, ...] = ()
         self.synced = asyncio.Event()
 
     @property
     def host(self) -> Host | None:
         return self._host
+
+    @property
+    def links(self) -> tuple[LinkState, ...]:
+        """Each external interface of the current Host: whether it is reported up and whether
+        that is a hold. Empty before the first discovery. Replaced whole after each discovery,
+        never changed in place: /metrics reads it from a thread of its own."""
+        return self._links
 
     async def run(self) -> None:
         """Discover, then follow link/address events until cancelled."""
@@ -241,6 +259,10 @@ class HostWatcher:
             own_namespace=self._netns is None,
         )
         host, bounced = self._held(seen, went_down=went_down)
+        # Every discovery: a hold starting changes it without changing the reported Host.
+        self._links = tuple(
+            LinkState(name=iface.name, up=iface.up, held=iface.index in self._holds) for iface in host.interfaces
+        )
         if bounced and self._on_link_bounce is not None:
             self._on_link_bounce()
         if host == self._host:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from smartnatd import __version__
 from smartnatd.dataplane import ApplyReport
 from smartnatd.errors import NftError
+from smartnatd.host import LinkState
 from smartnatd.nft import names
 from smartnatd.nft.runner import NftRunner, ProcessRunner
 from smartnatd.reconciler import Health
@@ -32,9 +33,15 @@ COUNTERS_MAX_AGE = 1.0
 class _StateCollector(Collector):
     """Gauges read from the published Health at scrape time, so they are never stale."""
 
-    def __init__(self, health: Callable[[], Health], sources: Callable[[], dict[str, bool]] | None = None) -> None:
+    def __init__(
+        self,
+        health: Callable[[], Health],
+        sources: Callable[[], dict[str, bool]] | None = None,
+        links: Callable[[], Sequence[LinkState]] | None = None,
+    ) -> None:
         self._health = health
         self._sources = sources
+        self._links = links
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         h = self._health()
@@ -42,6 +49,15 @@ class _StateCollector(Collector):
         for verdict in ("Configured", "NotLocal", "Invalid", "Conflict", "Waiting", "Deleting"):
             mappings.add_metric([verdict], h.verdicts.get(verdict, 0))
         yield mappings
+        # Counted once per pass by the reconciler; a reason without a problem has no series.
+        problems = GaugeMetricFamily(
+            "smartnat_mapping_problems",
+            "Mappings whose verdict of the last successful pass is a problem, by its Event reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(h.problems.items()):
+            problems.add_metric([reason], n)
+        yield problems
         yield GaugeMetricFamily("smartnat_endpoints", "External endpoints served by this appliance", value=h.endpoints)
         yield GaugeMetricFamily("smartnat_ready", "1 after the first successful full pass", value=int(h.ready))
         if h.last_success_wall is not None:
@@ -60,6 +76,26 @@ class _StateCollector(Collector):
             for name, ok in sorted(self._sources().items()):
                 up.add_metric([name], int(ok))
             yield up
+        if self._links is not None:
+            yield from _link_metrics(self._links())
+
+
+def _link_metrics(links: Sequence[LinkState]) -> Iterator[GaugeMetricFamily]:
+    up = GaugeMetricFamily(
+        "smartnat_external_interface_up",
+        "1 while an external interface is served as up (held ones included), 0 when reported down",
+        labels=["interface"],
+    )
+    held = GaugeMetricFamily(
+        "smartnat_external_interface_held",
+        "1 while an external interface is down but still served as up (SNCTRLR_LINK_DOWN_HOLD_SEC), else 0",
+        labels=["interface"],
+    )
+    for link in links:
+        up.add_metric([link.name], int(link.up))
+        held.add_metric([link.name], int(link.held))
+    yield up
+    yield held
 
 
 class _CounterCollector(Collector):
@@ -113,6 +149,7 @@ class Metrics:
         health: Callable[[], Health],
         counters: Callable[[], dict[str, tuple[int, int, str]]] | None,
         sources: Callable[[], dict[str, bool]] | None = None,
+        links: Callable[[], Sequence[LinkState]] | None = None,
         counters_max_age: float = COUNTERS_MAX_AGE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -129,7 +166,7 @@ class Metrics:
         self.flows_deleted = Counter("smartnat_conntrack_flows_deleted", "Stale flows deleted from conntrack", registry=r)
         info = Gauge("smartnat_info", "smartnatd version", ["version"], registry=r)
         info.labels(version=__version__).set(1)
-        r.register(_StateCollector(health, sources))
+        r.register(_StateCollector(health, sources, links))
         if counters is not None:
             r.register(_CounterCollector(counters, max_age=counters_max_age, clock=clock))
 

@@ -15,20 +15,20 @@ import logging
 import operator
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from smartnatd.dataplane import ApplyReport, Dataplane
 from smartnatd.errors import DataplaneError
-from smartnatd.planner import IncrementalPlanner, Plan
+from smartnatd.planner import IncrementalPlanner, Plan, Verdict
 from smartnatd.settings import Settings
 from smartnatd.store import Store
-from smartnatd.transitions import log_transitions
+from smartnatd.transitions import log_transitions, problem
 
 logger = logging.getLogger(__name__)
 
-_KIND = operator.attrgetter("kind")
+_KIND_REASON = operator.attrgetter("kind", "event_reason")
 
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
@@ -62,6 +62,7 @@ class Health:
     last_error: str = ""
     loop_heartbeat: float = 0.0  # monotonic time the loop last came round
     verdicts: dict[str, int] = field(default_factory=dict)
+    problems: dict[str, int] = field(default_factory=dict)  # Event reason -> Mappings with that problem
     endpoints: int = 0
     unsynced: tuple[str, ...] = ()
     waiting_why: str = ""  # what the sources said about the kinds still unsynced, if anything
@@ -263,8 +264,7 @@ class Reconciler:
         self._publish_asked += 1
         self._to_publish.set()
         took = self._clock() - started
-        # str() of 10k enum members alone took ~5 ms a pass: count the members, name the few kinds.
-        counts = {str(k): n for k, n in Counter(map(_KIND, new_plan.verdicts)).items()}
+        counts, problems = count_verdicts(new_plan.verdicts)
         first = not self.health.ready
         self._publish(
             ready=True,
@@ -276,6 +276,7 @@ class Reconciler:
             last_success_wall=self._wall(),
             last_duration=took,
             verdicts=counts,
+            problems=problems,
             endpoints=len(new_plan.desired.dnats),
             planned=len(new_plan.verdicts),
         )
@@ -295,6 +296,20 @@ class Reconciler:
         if self._on_pass:
             self._on_pass(report, took, True)
         return True
+
+
+def count_verdicts(verdicts: Iterable[Verdict]) -> tuple[dict[str, int], dict[str, int]]:
+    """Mappings by verdict kind (smartnat_mappings), and those whose verdict is a problem by
+    Event reason (smartnat_mapping_problems): one count at C speed of the (kind, reason) pairs,
+    then a loop over the few distinct pairs. str() of 10k enum members alone took ~5 ms a
+    pass: count the members, name the few kinds."""
+    kinds: dict[str, int] = {}
+    problems: dict[str, int] = {}
+    for (kind, reason), n in Counter(map(_KIND_REASON, verdicts)).items():
+        kinds[str(kind)] = kinds.get(str(kind), 0) + n
+        if problem(kind, reason):
+            problems[reason] = problems.get(reason, 0) + n
+    return kinds, problems
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from smartnatd.planner import TARGET_REFUSED, Plan, Verdict, VerdictKind
+from smartnatd.planner import TARGET_REFUSED, Plan, VerdictKind
 
 
 def log_transitions(plan: Plan, previous: Plan | None, *, log: logging.Logger) -> None:
@@ -21,9 +21,9 @@ def log_transitions(plan: Plan, previous: Plan | None, *, log: logging.Logger) -
         old = before.get(v.key)
         if old is not None and (old.kind, old.reason) == (v.kind, v.reason):
             continue
-        if _problem(v):
+        if problem(v.kind, v.event_reason):
             log.warning("mapping %s %s: %s", v.key, v.event_reason, v.reason)
-        elif old is not None and _problem(old):
+        elif old is not None and problem(old.kind, old.event_reason):
             log.info("mapping %s problem cleared (%s); now %s: %s", v.key, old.event_reason, v.kind, v.reason)
         elif v.kind == VerdictKind.NOT_LOCAL:
             log.debug("mapping %s %s: %s", v.key, v.kind, v.reason)
@@ -33,7 +33,13 @@ def log_transitions(plan: Plan, previous: Plan | None, *, log: logging.Logger) -
         log.info("mapping %s removed", key)
 
 
-def _problem(v: Verdict) -> bool:
-    # A NotLocal verdict is a problem when this box refused the Mapping's targets, not just
-    # because its addresses are elsewhere.
-    return (not v.ok and v.kind != VerdictKind.DELETING) or v.event_reason == TARGET_REFUSED
+def problem(kind: VerdictKind, event_reason: str) -> bool:
+    """Whether a verdict of this kind and Event reason is a problem: logged at warning level
+    here, counted by smartnat_mapping_problems. By kind and reason, not by Verdict, so the
+    reconciler can decide it once per distinct pair instead of once per Mapping."""
+    # Not ok (Verdict.ok: Configured or NotLocal) and not being deleted; and a NotLocal verdict
+    # when this box refused the Mapping's targets, not just because its addresses are elsewhere.
+    return kind not in _NOT_PROBLEMS or event_reason == TARGET_REFUSED
+
+
+_NOT_PROBLEMS = frozenset({VerdictKind.CONFIGURED, VerdictKind.NOT_LOCAL, VerdictKind.DELETING})

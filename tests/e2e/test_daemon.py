@@ -47,6 +47,11 @@ def test_notifies_ready_then_watchdog_and_serves_health_endpoints(topology, echo
         assert re.search(r'smartnat_mapping_packets_total\{endpoint="192.0.2.10:80/tcp",mapping="demo/echo-direct"\} [1-9]', metrics)
         assert re.search(r"smartnat_sync_duration_seconds_count [1-9]", metrics)
         assert re.search(r"smartnat_last_sync_success_timestamp_seconds \d", metrics)
+        # Both Mappings of the demo are fine, so no reason has a series; both links are up.
+        assert "# TYPE smartnat_mapping_problems gauge" in metrics and "smartnat_mapping_problems{" not in metrics
+        for iface in ("ext1", "ext2"):
+            assert f'smartnat_external_interface_up{{interface="{iface}"}} 1.0' in metrics
+            assert f'smartnat_external_interface_held{{interface="{iface}"}} 0.0' in metrics
 
         assert daemon.stop() == 0
         assert any("STOPPING=1" in m for m in listener.drain())
@@ -110,6 +115,15 @@ def test_source_change_is_applied_incrementally(topology, echo_servers, source_d
     )
     wait_until(lambda: "demo/echo-extra Configured" in daemon.logs(), timeout=2, message="log line")
     assert "full=False" in daemon.logs()
+
+    # A Mapping whose Service does not exist: a problem, counted by its Event reason.
+    orphan = extra.replace("echo-extra", "orphan").replace("serviceName: echo", "serviceName: nowhere")
+    (source_dir / "orphan.yaml").write_text(orphan.replace("9090", "9191"))
+    wait_until(
+        lambda: 'smartnat_mapping_problems{reason="ServiceNotFound"} 1.0' in http_get(topology.appliance, "/metrics")[1],
+        timeout=3.0,
+        message="the orphan counted in smartnat_mapping_problems",
+    )
 
 
 def test_bad_configuration_exits_78_with_every_problem(topology, source_dir, start_daemon):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import http_get
 from tests.kernel.harness import Topology, open_tcp, parse_echo_reply, sh, wait_until
 
 pytestmark = [
@@ -147,6 +148,18 @@ def link(t: Topology, state: str) -> None:
     sh(t.appliance, "ip", "link", "set", "ext1", state)
 
 
+def ext1_metrics(t: Topology) -> tuple[str, str]:
+    """smartnat_external_interface_up and _held of ext1, as /metrics (127.0.0.1:8080) says."""
+    _, body = http_get(t.appliance, "/metrics")
+    values = {
+        name: line.rsplit(" ", 1)[1]
+        for line in body.splitlines()
+        for name in ("up", "held")
+        if line.startswith(f'smartnat_external_interface_{name}{{interface="ext1"}} ')
+    }
+    return values.get("up", "-"), values.get("held", "-")
+
+
 def test_a_one_second_flap_keeps_an_established_connection(topology, start) -> None:
     t = topology
     daemon = start(hold=5)  # the default
@@ -154,10 +167,12 @@ def test_a_one_second_flap_keeps_an_established_connection(topology, start) -> N
     before = flow_ids(t, conn)
     assert len(before) == 1 and default_route(t)
     rules = sh(t.appliance, "ip", "rule").stdout
+    assert ext1_metrics(t) == ("1.0", "0.0")
 
     link(t, "down")
     daemon.wait_for_log("ext1 down; holding its state for 5s")
     assert default_route(t) == ""  # the kernel deleted it with the link
+    assert ext1_metrics(t) == ("1.0", "1.0")  # served as up, and held
     time.sleep(1)  # the flap itself
     link(t, "up")
     daemon.wait_for_log("ext1 up again after")
@@ -167,6 +182,7 @@ def test_a_one_second_flap_keeps_an_established_connection(topology, start) -> N
     assert sh(t.appliance, "ip", "rule").stdout == rules
     assert parse_echo_reply(conn.exchange(b"after", timeout=5)).name in ("pod1", "pod2")
     assert flow_ids(t, conn) == before  # the same conntrack entry
+    assert ext1_metrics(t) == ("1.0", "0.0")
     assert "still down" not in daemon.logs() and "sync failed" not in daemon.logs()
     conn.close()
 
@@ -196,6 +212,7 @@ def test_a_link_down_longer_than_the_hold_is_dropped_when_it_ends(topology, star
     assert flow_ids(t, conn) == before  # held: nothing re-planned yet
     daemon.wait_for_log("ext1 still down after 1s; reporting it down")
     wait_until(lambda: flow_ids(t, conn) == [], timeout=5, message="the flow deleted after the hold")
+    assert ext1_metrics(t) == ("0.0", "0.0")  # down, and no longer held
     link(t, "up")
     conn.close()
 

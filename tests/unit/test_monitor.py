@@ -13,8 +13,11 @@ import pytest
 from aiohttp import web
 
 from smartnatd.health import Monitor, build_app
+from smartnatd.host import LinkState
 from smartnatd.metrics import Metrics
-from smartnatd.reconciler import Health
+from smartnatd.model import MappingKey
+from smartnatd.planner import TARGET_REFUSED, Verdict, VerdictKind
+from smartnatd.reconciler import Health, count_verdicts
 
 LOCALHOST = "127.0.0.1"
 
@@ -235,3 +238,73 @@ async def test_a_malformed_request_is_answered_400_and_logged_at_debug_only(serv
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert records and all(r.levelno == logging.DEBUG for r in records)
     assert any("Error handling request" in r.getMessage() and r.exc_info for r in records)
+
+
+def _verdict(name: str, kind: VerdictKind, event_reason: str) -> Verdict:
+    return Verdict(key=MappingKey("demo", name), kind=kind, reason="why", event_reason=event_reason)
+
+
+def _samples(body: bytes, metric: str) -> list[str]:
+    return [line for line in body.decode().splitlines() if line.startswith(metric + "{")]
+
+
+async def test_mapping_problems_are_counted_by_event_reason_including_a_refused_not_local_one(serve) -> None:
+    clock = Clock()
+    published = Published(clock)
+    port = await serve(monitor_app(counters=None, clock=clock, health=published))
+    verdicts = [
+        _verdict("ok", VerdictKind.CONFIGURED, "Configured"),
+        _verdict("elsewhere", VerdictKind.NOT_LOCAL, "AddressNotOnHost"),  # not a problem
+        _verdict("own-address", VerdictKind.NOT_LOCAL, TARGET_REFUSED),  # a problem, though NotLocal
+        _verdict("refused", VerdictKind.WAITING, TARGET_REFUSED),
+        _verdict("no-svc-1", VerdictKind.WAITING, "ServiceNotFound"),
+        _verdict("no-svc-2", VerdictKind.WAITING, "ServiceNotFound"),
+        _verdict("bad", VerdictKind.INVALID, "InvalidMapping"),
+        _verdict("late", VerdictKind.CONFLICT, "EndpointConflict"),
+        _verdict("going", VerdictKind.DELETING, "Deleting"),  # not a problem
+    ]
+    kinds, problems = count_verdicts(verdicts)
+    published.health = Health(started=clock.now, ready=True, verdicts=kinds, problems=problems)
+    _, body = await get(port, "/metrics")
+    assert _samples(body, "smartnat_mapping_problems") == [
+        'smartnat_mapping_problems{reason="EndpointConflict"} 1.0',
+        'smartnat_mapping_problems{reason="InvalidMapping"} 1.0',
+        'smartnat_mapping_problems{reason="ServiceNotFound"} 2.0',
+        'smartnat_mapping_problems{reason="TargetRefused"} 2.0',
+    ]
+    assert 'smartnat_mappings{verdict="NotLocal"} 2.0' in _samples(body, "smartnat_mappings")
+
+    # The next pass: the problems solved but one. A reason back to zero loses its series.
+    kinds, problems = count_verdicts([verdicts[0], verdicts[2]])
+    published.health = Health(started=clock.now, ready=True, verdicts=kinds, problems=problems)
+    _, body = await get(port, "/metrics")
+    assert _samples(body, "smartnat_mapping_problems") == ['smartnat_mapping_problems{reason="TargetRefused"} 1.0']
+
+
+async def test_external_interfaces_are_up_held_or_down_and_a_gone_one_has_no_series(serve) -> None:
+    clock = Clock()
+    published = Published(clock)
+    links: list[tuple[LinkState, ...]] = [()]
+    app = build_app(
+        health=published,
+        metrics=Metrics(health=published, counters=None, links=lambda: links[0], clock=clock),
+        max_pass_age=60, max_loop_stall=30, clock=clock,
+    )
+    port = await serve(app)
+    cases = [
+        ((), [], []),  # before the first discovery
+        (
+            (LinkState("ext1", up=True, held=False), LinkState("ext2", up=True, held=True),
+             LinkState("ext3", up=False, held=False)),
+            ['{interface="ext1"} 1.0', '{interface="ext2"} 1.0', '{interface="ext3"} 0.0'],
+            ['{interface="ext1"} 0.0', '{interface="ext2"} 1.0', '{interface="ext3"} 0.0'],
+        ),
+        ((LinkState("ext1", up=True, held=False),), ['{interface="ext1"} 1.0'], ['{interface="ext1"} 0.0']),
+    ]
+    for state, up, held in cases:
+        links[0] = state
+        _, body = await get(port, "/metrics")
+        assert _samples(body, "smartnat_external_interface_up") == ["smartnat_external_interface_up" + s for s in up]
+        assert _samples(body, "smartnat_external_interface_held") == [
+            "smartnat_external_interface_held" + s for s in held
+        ]
