@@ -56,6 +56,9 @@ class VerdictKind(enum.StrEnum):
     DELETING = "Deleting"  # being deleted: served nowhere
 
 
+# Kinds that mean the Mapping is fine as far as this box goes (Verdict.ok).
+OK_KINDS = frozenset({VerdictKind.CONFIGURED, VerdictKind.NOT_LOCAL})
+
 # Kubernetes Event reasons (UpperCamelCase) for each kind of verdict; WAITING refines below.
 EVENT_REASONS = {
     VerdictKind.CONFIGURED: "Configured",
@@ -87,7 +90,7 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return self.kind in (VerdictKind.CONFIGURED, VerdictKind.NOT_LOCAL)
+        return self.kind in OK_KINDS
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from smartnatd.planner import TARGET_REFUSED, Plan, VerdictKind
+from smartnatd.planner import OK_KINDS, TARGET_REFUSED, Plan, VerdictKind
 
 
 def log_transitions(plan: Plan, previous: Plan | None, *, log: logging.Logger) -> None:
@@ -37,9 +37,9 @@ def problem(kind: VerdictKind, event_reason: str) -> bool:
     """Whether a verdict of this kind and Event reason is a problem: logged at warning level
     here, counted by smartnat_mapping_problems. By kind and reason, not by Verdict, so the
     reconciler can decide it once per distinct pair instead of once per Mapping."""
-    # Not ok (Verdict.ok: Configured or NotLocal) and not being deleted; and a NotLocal verdict
+    # Not ok (Verdict.ok) and not being deleted; and a NotLocal verdict
     # when this box refused the Mapping's targets, not just because its addresses are elsewhere.
     return kind not in _NOT_PROBLEMS or event_reason == TARGET_REFUSED
 
 
-_NOT_PROBLEMS = frozenset({VerdictKind.CONFIGURED, VerdictKind.NOT_LOCAL, VerdictKind.DELETING})
+_NOT_PROBLEMS = OK_KINDS | {VerdictKind.DELETING}
