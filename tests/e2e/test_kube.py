@@ -51,9 +51,10 @@ current-context: emulator
 
 
 class KubeDaemon:
-    """One `smartnatd run --netns AP` process in the host namespace, talking to the emulator."""
+    """One `smartnatd run --netns NETNS` process in the host namespace, talking to the emulator,
+    as appliance `instance` (tests/e2e/test_failover.py runs two)."""
 
-    def __init__(self, *, topology: Topology, kubeconfig: Path, state: Path) -> None:
+    def __init__(self, *, netns: str, kubeconfig: Path, state: Path, instance: str = "e2e") -> None:
         state.mkdir(exist_ok=True)
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SNCTRLR_", "KUBERNETES_"))}
@@ -62,14 +63,14 @@ class KubeDaemon:
             SNCTRLR_INTERFACES_PATTERN="^ext[0-9]+$",
             SNCTRLR_DEFAULT_GW_INTERFACE="eth0",
             SNCTRLR_STATE_DIR=str(state),
-            SNCTRLR_INSTANCE_NAME="e2e",
+            SNCTRLR_INSTANCE_NAME=instance,
             SNCTRLR_SYNC_DEBOUNCE_MS="5",
             SNCTRLR_MONITOR_PORT=str(self.port),
         )
         self.log = state / "daemon.log"
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [str(SMARTNATD), "run", "--netns", topology.appliance],
+            [str(SMARTNATD), "run", "--netns", netns],
             env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
         )
 
@@ -113,7 +114,7 @@ async def start_daemon(topology: Topology, kube_api: KubeEmulator, tmp_path: Pat
     started: list[KubeDaemon] = []
 
     def start() -> KubeDaemon:
-        daemon = KubeDaemon(topology=topology, kubeconfig=kubeconfig, state=tmp_path / f"state{len(started)}")
+        daemon = KubeDaemon(netns=topology.appliance, kubeconfig=kubeconfig, state=tmp_path / f"state{len(started)}")
         started.append(daemon)
         return daemon
 
