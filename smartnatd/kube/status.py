@@ -12,7 +12,8 @@ Two kinds of fields, so that several appliances never fight over one object:
   `appliances.<instance>` {configured: [endpoints], message, lastSync} and the
   `configuredAddresses` keys of the addresses it serves, {podIPs: [...]}. An appliance has an
   entry exactly while its kernel serves the Mapping: the entries are the holders the
-  finalizer waits for.
+  finalizer waits for. A patch that adds or drops an entry or a key carries the precondition
+  too: whether a key stays depends on the other appliances' entries.
 
 Whether a Mapping is served *here* (Configured) or not (NotLocal) differs between appliances,
 so it never shows in a shared field: Ready means "valid, no conflict, Service usable"; the
@@ -67,7 +68,12 @@ class Event:
 @dataclass(frozen=True)
 class StatusChange:
     patch: Status | None  # RFC 7386 merge patch of .status; None: the status is already right
-    shared: bool  # the patch touches shared fields: send it with a resourceVersion precondition
+    # Send the patch with a resourceVersion precondition: it touches shared fields, or what the
+    # other appliances' patches are computed from (which address keys exist, or whether this
+    # appliance holds an entry). Without it, two appliances trading an address wrote from stale views and
+    # the address key was lost: the one releasing it did not see the other's new entry yet, the
+    # other did not re-add a key it still saw.
+    shared: bool
     events: tuple[Event, ...]  # transitions this patch records; post them once it succeeded
 
 
@@ -193,6 +199,19 @@ def _release(new: Status, instances: Iterable[str]) -> None:
             addresses.pop(address, None)
 
 
+def _keys_came_or_went(old: Status, patch: Status) -> bool:
+    """The patch adds or drops a configuredAddresses key (new pod IPs under a key it keeps are
+    this appliance's own business: a rolling update would otherwise meet 409s)."""
+    keys = patch.get("configuredAddresses")
+    if keys is None:
+        return False
+    if not isinstance(keys, dict):
+        return True
+    before = old.get("configuredAddresses")
+    before = before if isinstance(before, dict) else {}
+    return any(value is None or key not in before for key, value in keys.items())
+
+
 def compute(
     *, verdict: Verdict, current: Any, instance: str, now: str, generation: int | None
 ) -> StatusChange:
@@ -267,7 +286,9 @@ def compute(
     patch = merge_diff(old, new)
     if not patch:
         return StatusChange(patch=None, shared=False, events=())
-    return StatusChange(patch=patch, shared=bool(SHARED_FIELDS & patch.keys()), events=tuple(events))
+    entry_came_or_went = (mine_before is None) != (instance not in holders(new))
+    guarded = bool(SHARED_FIELDS & patch.keys()) or entry_came_or_went or _keys_came_or_went(old, patch)
+    return StatusChange(patch=patch, shared=guarded, events=tuple(events))
 
 
 def release(*, current: Any, instances: Iterable[str]) -> Status | None:

@@ -162,11 +162,11 @@ async def test_the_shared_address_moves_between_two_appliances_and_status_follow
 
     # 3. ap2's entry appears, ap1 releases its own; the shared conditions never moved.
     await async_wait_until(lambda: holders(kube_api) == {AP2}, timeout=5, message="entries swapped to ap2")
-    # Not asserted equal to `served`: a known race (no fix here). ap1 computes its release from
-    # a view without ap2's entry and drops the configuredAddresses key; ap2 computed its write
-    # from a view that still had the key and leaves it out. A status-only watch event starts no
-    # pass, so the key stays missing until ap2's next pass for another reason (seen >15 s).
-    assert mapping_status(kube_api)["configuredAddresses"] in ({}, served)
+    # The address key stays: ap1 releasing it from a view without ap2's entry, and ap2 leaving
+    # it out because its view still had it, each lost it in 5 of 5 runs before both patches
+    # carried a resourceVersion precondition (a stale one now gets a 409 and is computed again).
+    await async_wait_until(lambda: mapping_status(kube_api)["configuredAddresses"] == served, timeout=5,
+                           message="configuredAddresses kept through the failover")
     assert ready(kube_api)["status"] == "True" and ready(kube_api)["lastTransitionTime"] == ready_since
     assert finalizers(kube_api) == [FINALIZER]
     assert ready_not_true_writes(kube_api) == []
@@ -175,7 +175,8 @@ async def test_the_shared_address_moves_between_two_appliances_and_status_follow
     took = await fail_over(pair, to=AP1)
     print(f"failback ap2 -> ap1: first connection through ap1 {took:.3f}s after the address moved")
     await async_wait_until(lambda: holders(kube_api) == {AP1}, timeout=5, message="entries swapped back to ap1")
-    assert mapping_status(kube_api)["configuredAddresses"] in ({}, served)  # the same race
+    await async_wait_until(lambda: mapping_status(kube_api)["configuredAddresses"] == served, timeout=5,
+                           message="configuredAddresses kept through the failback")
     assert ready(kube_api)["status"] == "True" and ready(kube_api)["lastTransitionTime"] == ready_since
     assert finalizers(kube_api) == [FINALIZER]
     assert ready_not_true_writes(kube_api) == []

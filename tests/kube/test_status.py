@@ -1,5 +1,6 @@
 """kube/status.py: status patches and Events from verdicts, pure (no API server)."""
 
+import dataclasses
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -232,3 +233,18 @@ def test_an_appliance_refusing_its_own_address_does_not_fight_its_pair_over_read
     assert change.patch is None
     assert conditions(st)["Ready"] == ("True", "Resolved", T0)
     assert list(st["appliances"]) == ["b"]
+
+
+def test_patches_that_add_or_drop_an_entry_or_an_address_key_carry_a_precondition() -> None:
+    # Two appliances trading an address computed these from views that missed the other's
+    # latest write; unguarded, the address key was lost (tests/e2e/test_failover.py).
+    st, first = write({}, configured(A), instance='ap1')
+    assert first.shared  # shared fields, the entry and the key all new
+    st, joined = write(st, configured(A), instance='ap2', now=T1)
+    assert joined.shared and set(joined.patch or ()) == {'appliances'}  # only its entry: still guarded
+    st, renamed = write(st, dataclasses.replace(configured(A), reason='serving 192.0.2.10:80/tcp, now named'),
+                        instance='ap2', now=T2)
+    assert renamed.patch is not None and not renamed.shared  # its own entry's message: nobody else's business
+    st, released = write(st, not_local(), instance='ap1', now=T2)
+    assert released.shared and set(st['appliances']) == {'ap2'} and st['configuredAddresses'] == {
+        '192.0.2.10': {'podIPs': ['10.244.1.2', '10.244.2.2']}}
