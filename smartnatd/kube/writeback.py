@@ -366,11 +366,14 @@ class KubeWriteback:
                 released.add(name)
         patch = status_mod.release(current=current, instances=released)
         if patch is not None:
-            obj = await self._write_status(key, raw, patch, precondition=False, assumed=self.status_subresource)
+            # Guarded: which address keys go depends on the other entries, and two appliances
+            # releasing at once from one view each kept the key the other held: a key nobody
+            # claims, taken for SmartNat's, holds the finalizer for MAX_FINALIZE_WAIT_MINUTES.
+            obj = await self._write_status(key, raw, patch, precondition=True, assumed=self.status_subresource)
             if obj is None:
                 return
             if obj is _RETRY:
-                obj = await self._write_status(key, raw, patch, precondition=False, assumed=self.status_subresource)
+                obj = await self._write_status(key, raw, patch, precondition=True, assumed=self.status_subresource)
                 if obj is None or obj is _RETRY:
                     self._retry.add(key)
                     return

@@ -40,6 +40,8 @@ NS = 'demo'
 HOSTS = {
     'ap1': host(('ext1', 3, ['192.0.2.10/24'])),
     'ap2': host(('ext2', 4, ['198.51.100.10/24'])),
+    # Both hold 192.0.2.10 (anycast, or a failover caught half way).
+    'ap3': host(('ext1', 3, ['192.0.2.10/24'])),
 }
 
 
@@ -660,12 +662,38 @@ async def test_two_appliances_the_last_to_finish_removes_the_finalizer(
     await ap2.sync()
     assert kube_api.current(MAPPINGS, 'echo', namespace=NS) is None
     [ap1_release, ap2_release, removal] = writes(kube_api)
-    assert ap1_release == ('status', MERGE_PATCH, {'status': {'appliances': {'ap1': None},
-                                                              'configuredAddresses': {'192.0.2.10': None}}})
+    assert ap1_release[:2] == ('status', MERGE_PATCH) and ap1_release[2]['status'] == {
+        'appliances': {'ap1': None}, 'configuredAddresses': {'192.0.2.10': None}}
+    assert ap1_release[2]['metadata']['resourceVersion']  # which keys go depends on the others
     assert ap2_release[0] == 'status'
     assert removal == ('main', JSON_PATCH, [{'op': 'test', 'path': '/metadata/finalizers/0', 'value': FINALIZER},
                                             {'op': 'remove', 'path': '/metadata/finalizers/0'}])
     assert [r.name for r in kube_api.recorded(verb='get', resource=LEASES)] == ['smartnat-ap2']
+
+
+async def test_two_appliances_releasing_one_address_at_once_leave_no_key_behind(
+        kube_api: KubeEmulator, appliances: Any) -> None:
+    # Each computed its release from a view where the other still held 192.0.2.10, so each
+    # kept the key; unguarded, both writes went through and left a key nobody's entry claims,
+    # which the finalizer takes for SmartNat's and waits for up to MAX_FINALIZE_WAIT_MINUTES.
+    await echo_cluster(kube_api)
+    ap1 = await appliances('ap1')
+    ap3 = await appliances('ap3')
+    await caught_up(kube_api, ap1, ap3)
+    await ap1.sync()
+    await caught_up(kube_api, ap1, ap3)
+    await ap3.sync()
+    assert sorted(current(kube_api)['status']['appliances']) == ['ap1', 'ap3']
+
+    await kube_api.delete_object(MAPPINGS, 'echo', namespace=NS)
+    await caught_up(kube_api, ap1, ap3)
+    await asyncio.gather(ap1.sync(), ap3.sync())  # both from the same view
+    for _ in range(3):  # the one that got a 409 looks again
+        if kube_api.current(MAPPINGS, 'echo', namespace=NS) is None:
+            break
+        await caught_up(kube_api, ap1, ap3)
+        await asyncio.gather(ap1.sync(), ap3.sync())
+    assert kube_api.current(MAPPINGS, 'echo', namespace=NS) is None
 
 
 async def test_a_dead_appliance_s_entry_is_released_once_its_lease_expired(
@@ -691,8 +719,9 @@ async def test_a_dead_appliance_s_entry_is_released_once_its_lease_expired(
     await ap1.sync()  # the timer's pass: ap2's Lease has expired
     assert kube_api.current(MAPPINGS, 'echo', namespace=NS) is None
     [*_, release, removal] = writes(kube_api)
-    assert release == ('status', MERGE_PATCH, {'status': {'appliances': {'ap2': None},
-                                                          'configuredAddresses': {'198.51.100.10': None}}})
+    assert release[:2] == ('status', MERGE_PATCH) and release[2]['status'] == {
+        'appliances': {'ap2': None}, 'configuredAddresses': {'198.51.100.10': None}}
+    assert release[2]['metadata']['resourceVersion']
     assert removal[1] == JSON_PATCH
 
 
