@@ -26,6 +26,8 @@ EGRESS_SOURCES = "egress-sources"  # backend address -> external address it leav
 FILTER_PREROUTING = "filter-prerouting"
 NAT_PREROUTING = "nat-prerouting"
 NAT_POSTROUTING = "nat-postrouting"
+FILTER_OUTPUT = "filter-output"
+NAT_OUTPUT = "nat-output"
 
 # Marks a new connection to an external endpoint by the interface it came in on.
 MARK_CONNECTION = "mark-connection"

@@ -283,8 +283,9 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
     ]
     if desired.drop_unmapped:
         # Only new connections: replies to the box's own traffic from these addresses still pass.
+        # Not from lo: the box's own connection to its address comes back in there, still new.
         prerouting.append(
-            f"ct state new ip daddr @{n.MANAGED_ADDRESSES} {L4} {KEY} != @{n.EXTERNAL_PORTS} counter drop"
+            f'ct state new iifname != "lo" ip daddr @{n.MANAGED_ADDRESSES} {L4} {KEY} != @{n.EXTERNAL_PORTS} counter drop'
         )
     prerouting += [
         # Copy the mark to the packet only from the cluster side: original-direction packets
@@ -302,9 +303,16 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
         f"ct mark set iifname map @{n.INTERFACE_MARKS}",
         # From the cluster side (a pod calling a Mapping of the box, its traffic routed through
         # here): a hairpin. No interface mark, so replies route by the main table, back inside.
-        # Not from lo: the box's own connections to its addresses, never translated.
+        # Not from lo: the box's own connections were marked and translated on the output hook.
         f'iifname != @{n.EXTERNAL_INTERFACES} iifname != "lo" ct mark set 0x{HAIRPIN_MARK:08x}',
     )
+    # The box's own connection to a Mapping (an operator's curl, a health check) is a hairpin
+    # too: translated on the output hook and masqueraded, or it would reach the pod from the
+    # external address, which the cluster may not route back to the box. Its socket picked that
+    # address as the source (the route to it is local). The lookup comes first so the element
+    # counters see its packets, as they see a pod's. No allow-list: it comes from the box itself.
+    output = (f"{KEY} @{n.EXTERNAL_PORTS} ct state new ct mark set 0x{HAIRPIN_MARK:08x}",)
+    translate = (f"{KEY} vmap @{n.DNAT_CHAINS}", f"dnat ip to {KEY} map @{n.DNAT_TARGETS}")
     # A hairpin is masqueraded whatever SETUP_MASQUERADE says: the target would otherwise answer
     # the pod directly (the cluster routes pod to pod), and the pod drops an answer that does not
     # come from the address it called. Postrouting has no input interface: the mark tells.
@@ -318,11 +326,12 @@ def _base_chains(desired: DesiredState) -> tuple[NftChain, ...]:
         # allow-list sees the original destination.
         NftChain(n.FILTER_PREROUTING, "type filter hook prerouting priority mangle; policy accept;", tuple(prerouting)),
         # dstnat - 10: ahead of kube-proxy's DNAT, so the external endpoint is translated by us.
-        NftChain(
-            n.NAT_PREROUTING,
-            "type nat hook prerouting priority dstnat - 10; policy accept;",
-            (f"{KEY} vmap @{n.DNAT_CHAINS}", f"dnat ip to {KEY} map @{n.DNAT_TARGETS}"),
-        ),
+        NftChain(n.NAT_PREROUTING, "type nat hook prerouting priority dstnat - 10; policy accept;", translate),
+        # The same two hooks for the box's own packets: mangle, after conntrack and before the
+        # DNAT below, which is ahead of kube-proxy's output DNAT (-100) as nat-prerouting is of
+        # its prerouting one. -110 is dstnat - 10, a name nft 1.0.6 refuses on the output hook.
+        NftChain(n.FILTER_OUTPUT, "type filter hook output priority mangle; policy accept;", output),
+        NftChain(n.NAT_OUTPUT, "type nat hook output priority -110; policy accept;", translate),
         # srcnat - 10: ahead of kube-proxy's masquerade.
         NftChain(n.NAT_POSTROUTING, "type nat hook postrouting priority srcnat - 10; policy accept;", tuple(postrouting)),
         NftChain(n.MARK_CONNECTION, rules=mark_connection),

@@ -6,7 +6,8 @@ cluster interface eth0, is DNATed to pod2 and goes back out of eth0. Unless the 
 masquerades that connection, pod2 answers pod1 directly and pod1 drops the answer: it comes from
 pod2's address, not from the address pod1 called. And a pod that also has egress SNAT (it backs
 a Mapping, SNCTRLR_SETUP_SNAT on) must not have the hairpin connection marked as its egress: the
-replies would follow the external interface's table out to its gateway.
+replies would follow the external interface's table out to its gateway. The appliance's own
+connection to 192.0.2.10:80 is a hairpin too: translated on the output hook and masqueraded.
 
 IP plan: the one of tests/kernel/conftest.py. Mappings on 192.0.2.10 (ext1): "web" -> pod2;
 "pod1-out" on 198.51.100.10 (ext2) -> pod1, which gives pod1 an egress mark when SETUP_SNAT is on.
@@ -146,17 +147,63 @@ async def test_an_allow_list_refuses_a_pod_outside_it(topology, echo_servers, ap
     assert (await asyncio.to_thread(client_tcp, t, dst="192.0.2.10", port=80)).name == "pod2"
 
 
-async def test_the_box_own_connection_to_a_mapping_is_no_hairpin(topology, echo_servers, appliance):
-    # It comes back in on lo: not translated (the box's own server answers), and not marked.
+def from_box(t: Topology, proto: str, *, port: int):
+    request = tcp_request if proto == "tcp" else udp_request
+    return parse_echo_reply(request(t.appliance, dst="192.0.2.10", port=port))
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, NO_MASQUERADE], ids=["masquerade", "no-masquerade"])
+async def test_the_box_own_connection_to_a_mapping_reaches_the_target_masqueraded(
+    topology, echo_servers, appliance, settings
+):
+    # An operator's curl on the box, or a health check: translated on the output hook like a
+    # pod's hairpin, and masqueraded to the cluster-side address (its socket picked 192.0.2.10,
+    # the address it called). The allow-list leaves out the box: it does not apply to it. The
+    # box's own listeners on the mapped ports are there to answer if it were not translated.
+    t = topology
+    await apply_web(appliance, settings=settings, sources=(f"{t.allowed_client}/32",))
+    with (
+        echo_server(t.appliance, "tcp", "192.0.2.10", 80, name="box"),
+        echo_server(t.appliance, "udp", "192.0.2.10", 53, name="box"),
+    ):
+        for port, proto, _ in TCP_AND_UDP:
+            reply = await asyncio.to_thread(from_box, t, proto, port=port)
+            assert (reply.name, reply.peer) == ("pod2", t.appliance_cluster_address), proto
+            assert echo_servers["pod2", proto].peers[-1][0] == t.appliance_cluster_address, proto
+        with UdpFlow(t.appliance, src=None, sport=40604, dst="192.0.2.10", dport=53) as flow:
+            assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"h")).name == "pod2"
+            assert flow.local[0] == IPv4Address("192.0.2.10")  # the source the kernel picked
+    entries = conntrack_entries(t, "-p", "udp", "--sport", "40604", "-d", "192.0.2.10")
+    assert len(entries) == 1 and "mark=536870912" in entries[0], entries  # HAIRPIN_MARK alone
+    # Clients outside are still held to the allow-list.
+    assert await asyncio.to_thread(
+        expect_no_reply, tcp_request, t.client, dst="192.0.2.10", port=80, src=t.refused_client, timeout=0.5
+    )
+
+
+async def test_the_box_own_connection_to_a_port_no_mapping_serves_stays_local(topology, echo_servers, appliance):
+    # The same address, a port of no Mapping: the box's own server answers, and DROP_UNMAPPED
+    # (on here) does not drop it on its way back in through lo.
     t = topology
     await apply_web(appliance)
-    with echo_server(t.appliance, "udp", "192.0.2.10", 53, name="box"):
-        reply = parse_echo_reply(
-            await asyncio.to_thread(udp_request, t.appliance, dst="192.0.2.10", port=53, src="192.0.2.10", sport=40604)
-        )
-    assert reply.name == "box"
-    entries = conntrack_entries(t, "-p", "udp", "-s", "192.0.2.10", "--sport", "40604")
-    assert len(entries) == 1 and "mark=" not in entries[0].replace("mark=0 ", ""), entries
+    for proto in ("tcp", "udp"):
+        with echo_server(t.appliance, proto, "192.0.2.10", 9999, name="box"):
+            reply = await asyncio.to_thread(from_box, t, proto, port=9999)
+        assert (reply.name, reply.peer) == ("box", IPv4Address("192.0.2.10")), proto
+        entries = conntrack_entries(t, "-p", proto, "-d", "192.0.2.10", "--dport", "9999")
+        assert entries and not any("mark=536870912" in e for e in entries), entries  # no hairpin
+
+
+async def test_a_target_change_moves_a_long_lived_box_udp_flow(topology, echo_servers, appliance):
+    t = topology
+    await apply_web(appliance)
+    with UdpFlow(t.appliance, src=None, sport=40605, dst="192.0.2.10", dport=53) as flow:
+        assert parse_echo_reply(await asyncio.to_thread(flow.exchange, b"a")).name == "pod2"
+        await apply_web(appliance, target=POD1)
+        assert appliance.last_report.flows_deleted >= 1
+        # The old entry is gone: the next datagram is a new flow, DNATed to pod1.
+        reply = parse_echo_reply(await asyncio.to_thread(flow.exchange, b"b"))
+        assert (reply.name, reply.peer) == ("pod1", t.appliance_cluster_address)
 
 
 async def test_a_target_change_moves_a_long_lived_hairpin_udp_flow(topology, echo_servers, appliance):

@@ -118,3 +118,28 @@ def test_a_pods_connection_to_a_mapping_is_marked_a_hairpin_after_its_egress_mar
         f"ct mark set iifname map @{names.INTERFACE_MARKS}",
         f'iifname != @{names.EXTERNAL_INTERFACES} iifname != "lo" ct mark set 0x20000000',
     )
+
+
+def test_the_box_own_connection_to_a_mapping_is_a_hairpin_translated_on_the_output_hook():
+    rs = render(desired_of(mapping("a", mode="direct"), mapping("b", addresses=("192.0.2.11",))))
+    key = "ip daddr . meta l4proto . th dport"
+    # Marked before the DNAT (mangle < -110), for the masquerade of nat-postrouting; no
+    # allow-list on the output hook.
+    marking = rs.chain(names.FILTER_OUTPUT)
+    assert marking.hook == "type filter hook output priority mangle; policy accept;"
+    assert marking.rules == (f"{key} @{names.EXTERNAL_PORTS} ct state new ct mark set 0x20000000",)
+    # The very lookups of nat-prerouting: one map lookup per new connection, whatever the count.
+    translating = rs.chain(names.NAT_OUTPUT)
+    assert translating.hook == "type nat hook output priority -110; policy accept;"
+    assert translating.rules == rs.chain(names.NAT_PREROUTING).rules
+    assert not any(names.SOURCE_FILTERS in r for c in (marking, translating) for r in c.rules)
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["drop-unmapped", "keep-unmapped"])
+def test_the_box_own_connection_to_an_unmapped_port_is_not_dropped(drop):
+    # It comes back in on lo, still new: the drop is for packets from outside.
+    settings = dataclasses.replace(SETTINGS, drop_unmapped=drop)
+    rules = [r for r in render(desired_of(mapping("a"), settings=settings)).chain(names.FILTER_PREROUTING).rules
+             if r.endswith(" drop")]
+    assert rules == ([f'ct state new iifname != "lo" ip daddr @{names.MANAGED_ADDRESSES} meta l4proto {{ tcp, udp, sctp }} '
+                      f"ip daddr . meta l4proto . th dport != @{names.EXTERNAL_PORTS} counter drop"] if drop else [])
