@@ -26,7 +26,7 @@ from smartnatd.host import HostWatcher
 from smartnatd.metrics import Metrics, nft_counter_reader
 from smartnatd.reconciler import LogWriteback, Reconciler, Writeback
 from smartnatd.settings import Settings
-from smartnatd.sourcedir import RACY, SourceCache, load_source_dir
+from smartnatd.sourcedir import RACY, SourceCache, load_source_dir, source_files
 from smartnatd.store import Kind, Store
 from smartnatd.systemd import SystemdNotifier
 
@@ -239,11 +239,10 @@ async def _main(*, settings: Settings, source: Path | None, netns: str | None) -
 
 def _signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
     entries = []
-    for p in sorted(path.iterdir()):
-        if p.suffix in (".yaml", ".yml", ".json"):
-            st = p.stat()
-            # ctime too: a chmod that makes an unreadable file readable changes only that.
-            entries.append((p.name, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+    for p in source_files(path):  # the files load_source_dir reads: no dotfiles, no directories
+        st = p.stat()
+        # ctime too: a chmod that makes an unreadable file readable changes only that.
+        entries.append((p.name, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
     return tuple(entries)
 
 

@@ -71,6 +71,17 @@ class SourceCache:
         self.clock = clock
 
 
+def source_files(path: Path) -> list[Path]:
+    """The files of DIR that are read, sorted by name: what load_source_dir reads and what a
+    watcher of DIR must look at, no more."""
+    return sorted(
+        p
+        for p in path.iterdir()
+        # Dotfiles are editor and tool leftovers (.#web.yaml, .web.yaml.swp), never input.
+        if p.suffix in SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+
+
 def load_source_dir(path: Path, *, cache: SourceCache | None = None) -> SourceDir:
     """Load DIR; raises NotADirectoryError/FileNotFoundError only when DIR itself is unusable."""
     if not path.is_dir():
@@ -80,12 +91,7 @@ def load_source_dir(path: Path, *, cache: SourceCache | None = None) -> SourceDi
         raise cls(code, "--source needs a directory of YAML/JSON files", str(path))
     problems: list[str] = []
     seen: dict[str, _Seen] = {"Mapping": {}, "Service": {}, "EndpointSlice": {}}
-    files = sorted(
-        p
-        for p in path.iterdir()
-        # Dotfiles are editor and tool leftovers (.#web.yaml, .web.yaml.swp), never input.
-        if p.suffix in SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
+    files = source_files(path)
     unreadable: list[str] = []
     if not files:
         # Unknown, not an empty cluster: a directory caught between a deploy's delete and its
